@@ -1,0 +1,13 @@
+"""Remove nodes whose values nothing reads any more (e.g. full-length tensors replaced by gathers)."""
+from __future__ import annotations
+
+from torch import fx
+
+from prunec.context import CompileContext
+
+
+def eliminate_dead_code(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """Guarantees: every non-side-effecting node has a user."""
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm

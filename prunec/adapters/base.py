@@ -1,0 +1,110 @@
+"""What the compiler needs to know about a model family, and nothing about any pruning method.
+
+An adapter says where the layers are (module paths that the captured graph's `nn_module_stack`
+names), which tokens may be pruned (the *candidates*: image tokens, patches), which are protected
+([CLS], text), which module produces the rotary tables, how to build example inputs and which of
+their axes are dynamic. Module paths are relative to the wrapper, whose HF model lives at `hf`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+from torch.export import Dim
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A stack of layers that share one token sequence (the LLM, or a vision tower)."""
+
+    name: str                 # "llm" | "vision" | "encoder": the prefix of `<name>.layers[i]` sites
+    layers_path: str          # module path of the layer ModuleList inside the wrapper, e.g. hf.model.layers
+    num_layers: int
+    rotary_path: str | None   # module whose outputs depend on positions (cos/sin), if any
+
+
+@dataclass(frozen=True)
+class ExampleShape:
+    batch: int
+    seq_len: int | None
+    image_size: int | None
+
+
+class Adapter:
+    """Base class. Subclasses set the class attributes and implement the hooks below."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    span: ClassVar[str | None] = None                 # name of the prunable span, None = no pruning yet
+    protectable: ClassVar[tuple[str, ...]] = ()       # values allowed in a stage's `protect:`
+    output_sites: ClassVar[dict[str, str]] = {}       # e.g. {"projector.output": "llm"}
+    needs_seq_len: ClassVar[bool] = False
+    needs_image: ClassVar[bool] = False
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    # -- model facts -------------------------------------------------------------------------
+    def domains(self) -> dict[str, Domain]:
+        raise NotImplementedError
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """An nn.Module with a positional forward over `example_inputs` returning one tensor."""
+        raise NotImplementedError
+
+    def example_inputs(self, shape: ExampleShape, seed: int) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def dynamic_shapes(self, min_tokens: int) -> tuple[Any, ...]:
+        """torch.export dynamic shapes; the token axis must admit at least `min_tokens` (a pruned
+        sequence keeps at least 2 tokens, so a pipeline dropping D tokens needs D + 2)."""
+        raise NotImplementedError
+
+    def input_names(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def default_image_size(self) -> int | None:
+        return None
+
+    # -- candidates --------------------------------------------------------------------------
+    def candidate_mask(self, graph: fx.Graph, site_value: fx.Node, protect: tuple[str, ...],
+                       cut: fx.Node) -> fx.Node:
+        """A node computing the [B, S] bool candidate mask, inserted after `cut` or, when it derives
+        from the inputs, right after them (then later stages reuse it and earlier cuts gather it)."""
+        raise NotImplementedError
+
+    def initial_candidates_from_config(self, inputs: dict[str, Any], protect: tuple[str, ...]) -> int:
+        """Candidates per row at the spec's example shapes, before any stage prunes."""
+        raise NotImplementedError
+
+    def check_candidates(self, gm: fx.GraphModule, expected: int) -> None:
+        """Raise ValueError if the captured graph disagrees with the config-derived count."""
+
+    def output_cut(self, gm: fx.GraphModule, site: str) -> tuple[fx.Node, fx.Node]:
+        """For a non-layer site: (the node after which to cut, the [B, S, D] value at the cut)."""
+        raise NotImplementedError
+
+
+def batch_dim() -> Dim:
+    return Dim("batch", min=1, max=4096)
+
+
+def random_token_ids(shape: tuple[int, int], vocab_size: int, avoid: set[int], generator) -> torch.Tensor:
+    """Token ids drawn uniformly from the vocabulary minus `avoid` (special and image tokens)."""
+    allowed = torch.tensor([i for i in range(vocab_size) if i not in avoid])
+    return allowed[torch.randint(len(allowed), shape, generator=generator)]
+
+
+def module_path(node: fx.Node) -> str:
+    """Innermost module path recorded for an exported node ('' when none)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def module_paths(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _ in stack.values()]

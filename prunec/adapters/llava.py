@@ -1,0 +1,127 @@
+"""LLaVA (`LlavaForConditionalGeneration`): a vision tower, a projector and a Llama-style LLM.
+
+Candidates are the image tokens, found as `input_ids == config.image_token_id`; their count per
+image is read from the projector's output shape in the captured graph. Text (system prompt,
+question, padding) is never a candidate.
+"""
+from __future__ import annotations
+
+
+import torch
+from torch import fx
+from torch.export import Dim
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from . import register_adapter
+from .base import Adapter, Domain, ExampleShape, batch_dim, module_path, random_token_ids
+
+_LLM = "hf.model.language_model"
+_PROJECTOR = "hf.model.multi_modal_projector"
+
+
+class _Llava(torch.nn.Module):
+    """Runs the vision tower and projector itself and hands HF the features as one tensor: HF's
+    `get_image_features` returns `list(features)`, which would bake the image count into the graph."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.hf = model
+
+    def forward(self, input_ids, attention_mask, pixel_values):
+        config, llava = self.hf.config, self.hf.model
+        if not isinstance(config.vision_feature_layer, int):
+            raise ValueError("prunec supports one vision_feature_layer (an int)")
+        vision = llava.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        features = vision.hidden_states[config.vision_feature_layer]
+        if config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]
+        projected = llava.multi_modal_projector(features)
+        image = BaseModelOutputWithPooling(pooler_output=(projected.flatten(0, 1),))
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs={"image": image},
+                       use_cache=False).logits
+
+
+@register_adapter
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_types = ("llava",)
+    span = "image"
+    protectable = ("text",)
+    output_sites = {"projector.output": "llm"}
+    needs_seq_len = True
+    needs_image = True
+
+    def domains(self):
+        text = self.config.text_config
+        return {"llm": Domain("llm", f"{_LLM}.layers", text.num_hidden_layers, f"{_LLM}.rotary_emb")}
+
+    def wrap(self, model):
+        return _Llava(model)
+
+    def input_names(self):
+        return ("input_ids", "attention_mask", "pixel_values")
+
+    def default_image_size(self):
+        return self.config.vision_config.image_size
+
+    def image_tokens_per_image(self) -> int:
+        vision = self.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
+
+    def example_inputs(self, shape: ExampleShape, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        text = self.config.text_config
+        n_image = self.image_tokens_per_image()
+        special = {text.pad_token_id, text.bos_token_id, text.eos_token_id, self.config.image_token_id}
+        ids = random_token_ids((shape.batch, shape.seq_len), text.vocab_size, special, gen)
+        start = min(2, shape.seq_len - n_image)
+        ids[:, start:start + n_image] = self.config.image_token_id
+        size = shape.image_size or self.default_image_size()
+        pixels = torch.randn(shape.batch, 3, size, size, generator=gen)
+        return ids, torch.ones_like(ids), pixels
+
+    def dynamic_shapes(self, min_tokens):
+        batch = batch_dim()
+        low = max(self.image_tokens_per_image() + 2, min_tokens)
+        seq = Dim("seq", min=low, max=self.config.text_config.max_position_embeddings)
+        return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch})
+
+    def candidate_mask(self, graph: fx.Graph, site_value: fx.Node, protect, cut):
+        input_ids = next(n for n in graph.nodes if n.op == "placeholder" and n.target == "input_ids")
+        for user in input_ids.users:  # one mask serves every stage
+            if user.target is torch.ops.aten.eq.Scalar and user.args[1] == self.config.image_token_id:
+                return user
+        with graph.inserting_after(input_ids):
+            mask = graph.call_function(torch.ops.aten.eq.Scalar, (input_ids, self.config.image_token_id))
+        ids = input_ids.meta["val"]
+        with ids.fake_mode:
+            mask.meta["val"] = torch.empty_like(ids, dtype=torch.bool)
+        return mask
+
+    def initial_candidates_from_config(self, inputs, protect):
+        return self.image_tokens_per_image()
+
+    def check_candidates(self, gm, expected):
+        projected = [n for n in gm.graph.nodes if module_path(n).startswith(_PROJECTOR)
+                     and hasattr(n.meta.get("val"), "shape")]
+        if not projected:
+            raise ValueError(f"no node of {_PROJECTOR} in the captured graph")
+        found = int(projected[-1].meta["val"].shape[-2])
+        if found != expected:
+            raise ValueError(f"the projector emits {found} tokens per image, the config implies {expected}")
+
+    def output_cut(self, gm, site):
+        nodes = list(gm.graph.nodes)
+        start = next(i for i, n in enumerate(nodes) if module_path(n).startswith(_LLM)
+                     and not module_path(n).startswith(f"{_LLM}.embed_tokens"))
+        hidden = self.config.text_config.hidden_size
+        before = set(nodes[:start])
+        embeds = {a for n in nodes[start:] for a in n.all_input_nodes if a in before
+                  and getattr(a.meta.get("val"), "ndim", 0) == 3 and a.meta["val"].shape[-1] == hidden
+                  and a.meta["val"].is_floating_point()}
+        if len(embeds) != 1:
+            raise ValueError(f"expected one [B, S, {hidden}] input to the LLM, found {len(embeds)}")
+        return nodes[start - 1], embeds.pop()
+
+

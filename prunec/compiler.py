@@ -1,0 +1,64 @@
+"""The compiler: a plan and a model in, a rewritten and re-exported program out.
+
+The pass list is `prunec.passes.PIPELINE`; each pass is one function over the GraphModule.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .adapters.base import ExampleShape
+from .capture import capture
+from .context import CompileContext
+from .errors import BuildError, PrunecError
+from .passes import PIPELINE
+from .spec import Plan
+
+
+@dataclass
+class Compiled:
+    plan: Plan
+    program: torch.export.ExportedProgram
+    context: CompileContext
+    timings: dict[str, float]
+
+
+def example_shape(plan: Plan) -> ExampleShape:
+    inputs = plan.lock["inputs"]
+    return ExampleShape(inputs["batch"], inputs.get("seq_len"), inputs.get("image_size"))
+
+
+def min_tokens(plan: Plan) -> int:
+    """Shortest input sequence the pruned program accepts: every drop still leaves 2 tokens."""
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for stage in plan.stages:
+        first.setdefault(stage.domain, stage.n_candidates)
+        last[stage.domain] = stage.n_keep
+    return max([2] + [first[d] - last[d] + 2 for d in first])
+
+
+def compile_plan(plan: Plan, model: torch.nn.Module) -> Compiled:
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    captured = capture(model, plan.adapter, example_shape(plan), plan.lock["inputs"]["seed"],
+                       min_tokens=min_tokens(plan))
+    timings["capture"] = time.perf_counter() - start
+    ctx = CompileContext(plan, plan.adapter, captured.example_inputs, captured.dynamic_shapes)
+    gm = captured.graph_module
+    done: list[str] = []
+    for graph_pass in PIPELINE:
+        start = time.perf_counter()
+        try:
+            gm = graph_pass(gm, ctx)
+        except PrunecError as exc:
+            raise BuildError(f"pass {graph_pass.__name__} (after {', '.join(done) or 'capture'}): {exc}") from exc
+        except Exception as exc:
+            raise BuildError(f"pass {graph_pass.__name__} (after {', '.join(done) or 'capture'}) failed: "
+                             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                             ) from exc
+        timings[graph_pass.__name__] = time.perf_counter() - start
+        done.append(graph_pass.__name__)
+    return Compiled(plan, ctx.program, ctx, timings)

@@ -1,0 +1,42 @@
+"""The state passes share: the plan, the adapter, and one record per stage. Passes read and write
+only these records and the documented node meta keys, nothing else."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from .adapters.base import Adapter
+from .spec import Plan, Stage
+
+# Node meta written by passes:
+#   "val": fake value of the *captured* (unpruned) shapes; inserted nodes copy their source's, so
+#          token axes are always recognised against the captured sequence length.
+#   "prunec_role": what an inserted node is ("candidates", "score", "select", "gather", "kept_len").
+ROLE = "prunec_role"
+
+
+@dataclass
+class StageRecord:
+    stage: Stage
+    anchor: fx.Node = None              # the pruning block is inserted right after this node
+    site_value: fx.Node = None          # [B, S, D] residual stream at the cut
+    token_size: Any = None              # captured sequence length at the site (a SymInt)
+    attention: fx.Node | None = None    # the layer's sdpa call, for attention signals
+    index: fx.Node | None = None        # [B, K] sorted keep indices
+    gathered: fx.Node | None = None     # the pruned residual stream
+    kept_len: fx.Node | None = None     # K as a SymInt node
+    block_end: fx.Node | None = None    # last inserted node; the tail starts after it
+    propagated: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompileContext:
+    plan: Plan
+    adapter: Adapter
+    example_inputs: tuple[torch.Tensor, ...]
+    dynamic_shapes: tuple
+    records: list[StageRecord] = field(default_factory=list)
+    program: torch.export.ExportedProgram | None = None

@@ -1,0 +1,54 @@
+"""DivPrune: keep a max-min diverse subset of the visual tokens (CVPR 2025).
+
+Official code (vbdi/divprune, `llava_arch.py::DivPrune`): cosine distance D = 1 - cos between the
+projected visual tokens; the first pick is the token whose nearest other token is farthest (the
+code reads the second-smallest distance per column, the smallest being the token itself); then
+repeatedly add the token whose minimum distance to the chosen set is largest. Kept tokens return in
+their original order; the LLM sees a shorter sequence, so positions are renumbered.
+Ties go to the lower index. A chosen token is never picked again (its score is set to -inf).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import MethodInfo, register_method
+
+
+def divprune_keep(features: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Greedy max-min diversity selection.
+
+    Args:
+        features: [B, N, D] candidate token features. n_keep: tokens to keep, 0 < n_keep <= N.
+    Returns: [B, n_keep] int64 indices into N, sorted ascending.
+    """
+    batch, n_tokens, _ = features.shape
+    normed = torch.nn.functional.normalize(features.float(), dim=-1)
+    distance = 1.0 - normed @ normed.transpose(1, 2)  # [B, N, N]
+    if n_tokens == 1:
+        first = torch.zeros(batch, dtype=torch.long, device=features.device)
+    else:
+        nearest_other = distance.kthvalue(2, dim=1).values  # second-smallest per column
+        first = nearest_other.argmax(dim=1)
+    rows = torch.arange(batch, device=features.device)
+    chosen = [first]
+    min_to_chosen = distance[rows, first]  # [B, N]
+    taken = torch.zeros(batch, n_tokens, dtype=torch.bool, device=features.device)
+    taken[rows, first] = True
+    for _ in range(n_keep - 1):
+        nxt = min_to_chosen.masked_fill(taken, float("-inf")).argmax(dim=1)
+        chosen.append(nxt)
+        taken[rows, nxt] = True
+        min_to_chosen = torch.minimum(min_to_chosen, distance[rows, nxt])
+    return torch.stack(chosen, dim=1).sort(dim=1).values
+
+
+register_method(MethodInfo(
+    name="divprune",
+    action="prune",
+    kind="select",
+    signals=("hidden",),
+    fn=divprune_keep,
+    params_schema={"type": "object", "additionalProperties": False, "properties": {}},
+    default_positions="renumber",
+    summary="greedy max-min cosine diversity over the candidate tokens' hidden states",
+))

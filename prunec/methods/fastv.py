@@ -1,0 +1,71 @@
+"""FastV: keep the image tokens that receive the most attention at layer K (ECCV 2024).
+
+Official code (pkunlp-icler/FastV, `LlamaModel.forward`): after the K-th decoder layer, take that
+layer's attention probabilities, average over heads, read the row of the *last* query token, and
+keep the top (1-R) share of the image columns; original RoPE positions are kept.
+The paper instead averages the attention each token receives over *all* queries: `query: all`.
+
+In prunec the site `llm.layers[i]` is "after 0-indexed decoder layer i", so the official
+"K = 2" is `llm.layers[1]`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import MethodInfo, register_method
+
+
+def attention_received(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                       is_causal: bool, query: str = "last") -> torch.Tensor:
+    """Head-averaged attention each key receives from the chosen queries.
+
+    Args:
+        q: [B, H, S, hd] queries after RoPE. k: [B, H, S, hd] keys after RoPE (KV heads repeated).
+        mask: None, or a bool (True = attend) / additive float mask broadcastable to [B, H, S, S].
+        scale: softmax scale. is_causal: apply a causal mask on top of `mask`.
+        query: "last" (official code: the last row) or "all" (paper: mean over every query that
+            attends to at least one key).
+    Returns: [B, S] float32 scores.
+    """
+    seq = q.shape[-2]
+    rows = q[..., -1:, :] if query == "last" else q
+    first_row = seq - rows.shape[-2]
+    logits = torch.matmul(rows.float(), k.float().transpose(-1, -2)) * scale  # [B, H, R, S]
+    if mask is not None:
+        mask_rows = mask[..., first_row:, :]
+        if mask_rows.dtype == torch.bool:
+            logits = logits.masked_fill(~mask_rows, float("-inf"))
+        else:
+            logits = logits + mask_rows.float()
+    if is_causal:
+        row_pos = torch.arange(first_row, seq, device=q.device)[:, None]
+        col_pos = torch.arange(seq, device=q.device)[None, :]
+        logits = logits.masked_fill(col_pos > row_pos, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, R, S]
+    if query == "last":
+        return probs[:, 0]
+    valid = ~torch.isnan(probs).any(dim=-1, keepdim=True)  # fully masked query rows give NaN
+    probs = torch.where(valid, probs, torch.zeros_like(probs))
+    return probs.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+
+
+register_method(MethodInfo(
+    name="fastv",
+    action="prune",
+    kind="score",
+    signals=("attention_qk",),
+    fn=attention_received,
+    params_schema={
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "query": {"enum": ["last", "all"],
+                      "description": "last = official code (last token's row); all = paper (mean over queries)"},
+        },
+    },
+    defaults={"query": "last"},
+    default_positions="keep_original",
+    domains=("llm",),
+    layer_sites_only=True,
+    summary="attention received at the site layer (last query, head mean); top-k of image tokens",
+))

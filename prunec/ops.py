@@ -1,0 +1,112 @@
+"""Pruning ops as torch.library custom ops in the `prunec` namespace.
+
+Each op has a fake implementation, so it survives torch.export and torch.compile. The real
+implementation is torch on every device today; Triton kernels plug in behind the same ops.
+Selection ops return sorted keep indices over the whole sequence: every non-candidate token plus the
+kept candidates, so all rows keep the same count.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .methods.divprune import divprune_keep
+from .methods.fastv import attention_received as _attention_received
+
+
+def _candidate_positions(candidates: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """[B, S] bool -> [B, n_candidates] sorted positions; every row must hold n_candidates."""
+    counts = candidates.sum(dim=1)
+    if bool((counts != n_candidates).any()):
+        raise ValueError(
+            f"prunec: this module was built for {n_candidates} candidate tokens per row "
+            f"(budgets are resolved at build time), but the rows hold {counts.tolist()}"
+        )
+    return candidates.nonzero()[:, 1].view(candidates.shape[0], n_candidates)
+
+
+def _keep_indices(candidates: torch.Tensor, positions: torch.Tensor, local_keep: torch.Tensor) -> torch.Tensor:
+    """Union of the non-candidates and the kept candidates, as sorted [B, K] sequence indices."""
+    keep = ~candidates
+    keep = keep.scatter(1, positions.gather(1, local_keep), True)
+    kept = candidates.shape[1] - positions.shape[1] + local_keep.shape[1]
+    return keep.nonzero()[:, 1].view(candidates.shape[0], kept)
+
+
+def _keep_shape(candidates: torch.Tensor, n_candidates: int, n_keep: int) -> torch.Tensor:
+    batch, seq = candidates.shape
+    return candidates.new_empty((batch, seq - n_candidates + n_keep), dtype=torch.long)
+
+
+@torch.library.custom_op("prunec::attention_received", mutates_args=())
+def attention_received(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                       is_causal: bool, query: str) -> torch.Tensor:
+    """Head-averaged attention each token receives from the chosen query rows: [B, S] float32."""
+    return _attention_received(q, k, mask, scale, is_causal, query)
+
+
+@attention_received.register_fake
+def _(q, k, mask, scale, is_causal, query):
+    return q.new_empty((q.shape[0], k.shape[-2]), dtype=torch.float32)
+
+
+@torch.library.custom_op("prunec::select_topk", mutates_args=())
+def select_topk(scores: torch.Tensor, candidates: torch.Tensor, n_candidates: int, n_keep: int) -> torch.Tensor:
+    """Keep the n_keep highest-scoring candidates (ties: lower index) and every non-candidate."""
+    positions = _candidate_positions(candidates, n_candidates)
+    cand_scores = scores.float().gather(1, positions)
+    order = torch.sort(cand_scores, dim=1, descending=True, stable=True).indices
+    return _keep_indices(candidates, positions, order[:, :n_keep])
+
+
+@select_topk.register_fake
+def _(scores, candidates, n_candidates, n_keep):
+    return _keep_shape(candidates, n_candidates, n_keep)
+
+
+@torch.library.custom_op("prunec::select_divprune", mutates_args=())
+def select_divprune(hidden: torch.Tensor, candidates: torch.Tensor, n_candidates: int, n_keep: int) -> torch.Tensor:
+    """DivPrune over the candidates' hidden states; keeps every non-candidate."""
+    positions = _candidate_positions(candidates, n_candidates)
+    features = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    return _keep_indices(candidates, positions, divprune_keep(features, n_keep))
+
+
+@select_divprune.register_fake
+def _(hidden, candidates, n_candidates, n_keep):
+    return _keep_shape(candidates, n_candidates, n_keep)
+
+
+@torch.library.custom_op("prunec::gather_tokens", mutates_args=())
+def gather_tokens(x: torch.Tensor, index: torch.Tensor, dims: List[int]) -> torch.Tensor:
+    """Apply [B, K] keep indices along each token axis in `dims` (dim 0 is batch, size 1 broadcasts)."""
+    batch, kept = index.shape
+    out = x.expand(batch, *x.shape[1:]) if x.shape[0] != batch else x
+    for dim in dims:
+        view = [batch] + [1] * (out.dim() - 1)
+        view[dim] = kept
+        shape = list(out.shape)
+        shape[dim] = kept
+        out = out.gather(dim, index.view(view).expand(shape))
+    return out.clone() if out is x else out
+
+
+@gather_tokens.register_fake
+def _(x, index, dims):
+    shape = [index.shape[0]] + list(x.shape[1:])
+    for dim in dims:
+        shape[dim] = index.shape[1]
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("prunec::span_mask", mutates_args=())
+def span_mask(x: torch.Tensor, first: int) -> torch.Tensor:
+    """[B, S] bool, True from token `first` on: the candidates of an encoder with leading [CLS]."""
+    positions = torch.arange(x.shape[1], device=x.device)
+    return (positions >= first).expand(x.shape[0], -1).clone()
+
+
+@span_mask.register_fake
+def _(x, first):
+    return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.bool)

@@ -1,0 +1,106 @@
+"""The JSON Schema (Draft 2020-12) of spec v1, built from the method and model registries so the
+schema, the docs and the code cannot drift apart. `prunec schema` prints it."""
+from __future__ import annotations
+
+from typing import Any
+
+from .methods import get_method, method_names
+from .models import BUILTIN_CONFIGS
+
+SPEC_VERSION = 1
+SITE_PATTERN = r"^(?:(?:llm|vision|encoder)\.layers\[\s*\d+(?:\s*,\s*\d+)*\s*\]|projector\.output|vision\.output)$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+def _one_or_list(item: dict[str, Any]) -> dict[str, Any]:
+    return {"oneOf": [item, {"type": "array", "items": item, "minItems": 1}]}
+
+
+def spec_schema() -> dict[str, Any]:
+    from .adapters import families
+
+    ratio = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+    count = {"type": "integer", "minimum": 1}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "urn:prunec:spec:v1",
+        "title": "prunec pipeline spec, version 1",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["prunec", "name", "model", "pipeline"],
+        "properties": {
+            "prunec": {"const": SPEC_VERSION, "description": "spec format version"},
+            "extends": {"type": "string", "description": "base spec path, relative to this file"},
+            "name": {"type": "string", "pattern": NAME_PATTERN,
+                     "description": "artifact name: letters, digits, '.', '_', '-'"},
+            "description": {"type": "string"},
+            "model": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "builtin": {"enum": sorted(BUILTIN_CONFIGS)},
+                    "path": {"type": "string", "description": "local from_pretrained directory"},
+                    "config": {"type": "string", "description": "config.json; weights are seeded random"},
+                    "family": {"enum": families()},
+                    "seed": {"type": "integer", "minimum": 0},
+                    "dtype": {"enum": ["float32", "float16", "bfloat16"]},
+                    "attn_implementation": {"enum": ["sdpa", "eager"]},
+                },
+                "oneOf": [{"required": ["builtin"]}, {"required": ["path"]}, {"required": ["config"]}],
+            },
+            "inputs": {
+                "type": "object",
+                "additionalProperties": False,
+                "description": "example shapes for capture; budgets resolve against them",
+                "properties": {
+                    "batch": {"type": "integer", "minimum": 1, "maximum": 4096},
+                    "seq_len": {"type": "integer", "minimum": 2},
+                    "image_size": {"type": "integer", "minimum": 1},
+                    "seed": {"type": "integer", "minimum": 0},
+                },
+            },
+            "pipeline": {
+                "description": "ordered stages; a list, or (with extends) a mapping of stage id -> overrides",
+                "oneOf": [
+                    {"type": "array", "items": {"$ref": "#/$defs/stage"}},
+                    {"type": "object", "additionalProperties": {"type": "object"}},
+                ],
+            },
+            "output": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"dir": {"type": "string"}},
+            },
+            "backend": {"enum": ["auto", "torch", "triton"]},
+        },
+        "$defs": {
+            "stage": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["site", "method", "keep"],
+                "properties": {
+                    "id": {"type": "string", "pattern": NAME_PATTERN},
+                    "site": {"type": "string", "pattern": SITE_PATTERN,
+                             "description": "llm.layers[i] = after 0-indexed decoder layer i; lists expand"},
+                    "action": {"enum": ["prune", "merge"]},
+                    "method": {"enum": method_names()},
+                    "params": {"type": "object"},
+                    "keep": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "minProperties": 1,
+                        "maxProperties": 1,
+                        "properties": {"count": _one_or_list(count), "ratio": _one_or_list(ratio)},
+                        "description": "count of candidates kept, or ratio of the original candidates",
+                    },
+                    "positions": {"enum": ["keep_original", "renumber"]},
+                    "protect": {"type": "array", "uniqueItems": True,
+                                "items": {"enum": ["text", "cls"]}},
+                },
+            },
+        },
+    }
+
+
+def method_params_schema(name: str) -> dict[str, Any]:
+    return get_method(name).params_schema

@@ -1,0 +1,432 @@
+"""Spec v1: load (safe YAML, `extends`), validate (JSON Schema, then semantics against the model),
+and resolve into an immutable plan of stages with token budgets in counts.
+
+Three layers, each reporting file:line:col and the JSON pointer of the offending value:
+1. YAML: plain types only, no duplicate keys, bounded size and aliases (`yaml_loader`).
+2. Schema: Draft 2020-12, unknown keys rejected (`schema.spec_schema`).
+3. Semantics: the model exists, the site exists for its family, the layer is in range, the budget
+   fits the tokens available at that site, the method can get its signals there.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import Location, SpecError, SpecErrors
+from .schema import spec_schema
+from .yaml_loader import PositionedDoc, escape_pointer_token, load_yaml
+
+DEFAULT_INPUTS = {"batch": 2, "seed": 0}
+DEFAULT_MODEL = {"seed": 0, "dtype": "float32", "attn_implementation": "sdpa"}
+_LAYER_SITE = re.compile(r"^(llm|vision|encoder)\.layers\[([\d,\s]+)\]$")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning stage at one site, after list sites are expanded and budgets resolved."""
+
+    pointer: str                  # JSON pointer of the spec entry it came from
+    site: str                     # canonical site, e.g. "llm.layers[2]" or "projector.output"
+    domain: str
+    layer: int | None             # None for output sites
+    method: str
+    action: str
+    params: tuple[tuple[str, Any], ...]
+    positions: str
+    protect: tuple[str, ...]
+    keep_spec: tuple[str, float]  # ("count", 8) or ("ratio", 0.5), as written
+    n_candidates: int = 0         # candidates per row entering the stage
+    n_keep: int = 0               # candidates per row kept
+
+    @property
+    def param_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A loaded, schema-valid spec with `extends` applied. Not yet checked against a model."""
+
+    path: Path
+    doc: PositionedDoc
+    data: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def locate(self, pointer: str) -> Location:
+        return self.doc.locate(pointer)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A spec checked against its model: the adapter, the model config and the resolved stages."""
+
+    spec: Spec
+    adapter: Any
+    stages: tuple[Stage, ...]
+    lock: dict[str, Any] = field(hash=False)
+
+    @property
+    def spec_hash(self) -> str:
+        return hashlib.sha256(canonical_json(self.lock).encode()).hexdigest()
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 1 + extends
+
+
+def _read(path: Path, chain: tuple[Path, ...], at: Location | None) -> PositionedDoc:
+    if path in chain:
+        cycle = " -> ".join(p.name for p in (*chain, path))
+        raise SpecError(f"circular extends: {cycle}", at)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"spec file {str(path)!r} does not exist", at) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec {str(path)!r}: {exc}", at) from None
+    doc = load_yaml(text, str(path))
+    if not isinstance(doc.data, dict):
+        raise SpecError("a spec must be a YAML mapping", doc.locate(""))
+    return doc
+
+
+def _merge(base: Any, over: Any, pointer: str, base_locs: dict, over_locs: dict, out_locs: dict,
+           doc: PositionedDoc) -> Any:
+    """Deep-merge `over` onto `base`: mappings merge, lists and scalars replace, null deletes."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        merged = dict(base)
+        for key, value in over.items():
+            child = f"{pointer}/{escape_pointer_token(key)}"
+            if value is None:
+                merged.pop(key, None)
+            elif key in base:
+                merged[key] = _merge(base[key], value, child, base_locs, over_locs, out_locs, doc)
+            else:
+                merged[key] = value
+                _copy_locs(over_locs, child, child, out_locs)
+        return merged
+    _copy_locs(over_locs, pointer, pointer, out_locs)
+    return over
+
+
+def _copy_locs(src: dict, src_prefix: str, dst_prefix: str, out: dict) -> None:
+    for ptr, loc in src.items():
+        if ptr == src_prefix or ptr.startswith(src_prefix + "/"):
+            out[dst_prefix + ptr[len(src_prefix):]] = loc
+
+
+def _patch_pipeline_by_id(base: list, patches: dict, doc: PositionedDoc, out_locs: dict) -> list:
+    """A child's `pipeline:` mapping {stage id: overrides} patches the base's stages by id."""
+    stages = copy.deepcopy(base)
+    ids = {stage.get("id"): i for i, stage in enumerate(stages) if isinstance(stage, dict)}
+    for stage_id, override in patches.items():
+        ptr = f"/pipeline/{escape_pointer_token(stage_id)}"
+        if stage_id not in ids:
+            known = ", ".join(sorted(k for k in ids if k)) or "none"
+            raise SpecError(f"no stage with id {stage_id!r} in the base spec (ids: {known})",
+                            doc.locate_key(ptr))
+        index = ids[stage_id]
+        target = f"/pipeline/{index}"
+        child_locs: dict = {}
+        _copy_locs(doc.locations, ptr, target, child_locs)
+        stages[index] = _merge(stages[index], override, target, {}, child_locs, out_locs, doc)
+    return stages
+
+
+def _load_merged(path: Path, chain: tuple[Path, ...] = (), at: Location | None = None
+                 ) -> tuple[dict, dict[str, Location], PositionedDoc]:
+    doc = _read(path, chain, at)
+    data = doc.data
+    if "extends" not in data:
+        return data, dict(doc.locations), doc
+    extends = data["extends"]
+    if not isinstance(extends, str):
+        raise SpecError("`extends` must be a path string", doc.locate("/extends"))
+    base_data, base_locs, _ = _load_merged((path.parent / extends).resolve(), (*chain, path),
+                                           doc.locate("/extends"))
+    out_locs = dict(base_locs)
+    over = {k: v for k, v in data.items() if k != "extends"}
+    if isinstance(over.get("pipeline"), dict) and isinstance(base_data.get("pipeline"), list):
+        over["pipeline"] = _patch_pipeline_by_id(base_data["pipeline"], over["pipeline"], doc, out_locs)
+        merged = _merge({k: v for k, v in base_data.items() if k != "pipeline"},
+                        {k: v for k, v in over.items() if k != "pipeline"}, "", base_locs, doc.locations,
+                        out_locs, doc)
+        merged["pipeline"] = over["pipeline"]
+    else:
+        merged = _merge(base_data, over, "", base_locs, doc.locations, out_locs, doc)
+    out_locs[""] = doc.locations[""]
+    return merged, out_locs, doc
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 2
+
+
+def _schema_errors(data: dict, doc: PositionedDoc, schema: dict) -> list[SpecError]:
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = []
+    for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+        errors.append(_schema_error(err, doc))
+    return errors
+
+
+def _pointer(parts) -> str:
+    return "".join(f"/{escape_pointer_token(p)}" for p in parts)
+
+
+def _schema_error(err: jsonschema.ValidationError, doc: PositionedDoc) -> SpecError:
+    pointer = _pointer(err.absolute_path)
+    if err.validator == "additionalProperties":
+        extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+        allowed = ", ".join(sorted(err.schema.get("properties", {})))
+        key_ptr = f"{pointer}/{escape_pointer_token(extra[0])}" if extra else pointer
+        return SpecError(f"unknown key {extra[0]!r}; expected one of: {allowed}" if extra else err.message,
+                         doc.locate_key(key_ptr))
+    if err.validator in ("oneOf", "anyOf") and err.context:
+        # Report the branch that got furthest, which names the real problem.
+        best = max(err.context, key=lambda e: (len(e.absolute_path), e.validator != "type"))
+        if best.validator != "required":
+            return _schema_error(best, doc)
+        if pointer == "/model":
+            return SpecError("expected exactly one of `builtin`, `path` or `config`", doc.locate(pointer))
+    expected = _expected(err)
+    return SpecError(f"{expected}, got {json.dumps(err.instance)[:80]}" if expected else err.message,
+                     doc.locate(pointer))
+
+
+def _expected(err: jsonschema.ValidationError) -> str:
+    v, s = err.validator, err.schema
+    if v == "type":
+        return f"expected {s['type']}"
+    if v == "enum":
+        return "expected one of: " + ", ".join(map(str, s["enum"]))
+    if v == "const":
+        return f"expected {s['const']!r}"
+    if v == "pattern":
+        return f"expected a string matching {s['pattern']}"
+    if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        word = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
+        return f"expected a number {word} {s[v]}"
+    if v == "required":
+        return ""
+    if v in ("minProperties", "maxProperties") and "count" in s.get("properties", {}):
+        return "expected exactly one of `count` or `ratio`"
+    if v == "uniqueItems":
+        return "expected unique items"
+    if v == "minItems":
+        return f"expected at least {s['minItems']} items"
+    return ""
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Load a spec file: safe YAML, `extends` resolved, JSON Schema checked. Raises SpecError(s)."""
+    path = Path(path).resolve()
+    data, locations, doc = _load_merged(path)
+    merged_doc = PositionedDoc(data, locations, doc.key_locations, str(path))
+    errors = _schema_errors(data, merged_doc, spec_schema())
+    if isinstance(data.get("pipeline"), dict):
+        errors.append(SpecError("a `pipeline:` mapping (patch by stage id) needs `extends:`",
+                                 merged_doc.locate("/pipeline")))
+    if errors:
+        raise errors[0] if len(errors) == 1 else SpecErrors(errors)
+    return Spec(path, merged_doc, data)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer 3
+
+
+def parse_site(site: str) -> list[tuple[str, int | None]]:
+    """'llm.layers[2, 8]' -> [('llm', 2), ('llm', 8)]; 'projector.output' -> [('projector.output', None)]."""
+    match = _LAYER_SITE.match(site.strip())
+    if not match:
+        return [(site.strip(), None)]
+    return [(match.group(1), int(i)) for i in match.group(2).split(",")]
+
+
+def _budget_values(keep: dict, n_sites: int, pointer: str, spec: Spec) -> list[tuple[str, Any]]:
+    (kind, value), = keep.items()
+    if isinstance(value, list):
+        if len(value) != n_sites:
+            raise SpecError(f"expected {n_sites} budgets (one per layer in the site list), got {len(value)}",
+                            spec.locate(f"{pointer}/keep/{kind}"))
+        return [(kind, v) for v in value]
+    return [(kind, value)] * n_sites
+
+
+def resolve_count(kind: str, value: Any, original: int) -> int:
+    """Candidates kept: a count as written, or round-half-up of ratio x original candidates."""
+    return int(value) if kind == "count" else int(math.floor(value * original + 0.5))
+
+
+def resolve(spec: Spec) -> Plan:
+    """Check the spec against its model and resolve budgets into counts."""
+    from . import models
+    from .adapters import adapter_for
+    from .methods import get_method
+
+    data = spec.data
+    model_src = {**DEFAULT_MODEL, **data["model"]}
+    for key in ("path", "config"):
+        if key in model_src and not (spec.base_dir / model_src[key]).exists():
+            raise SpecError(f"model {key} {model_src[key]!r} does not exist (relative to the spec)",
+                            spec.locate(f"/model/{key}"))
+    try:
+        config = models.model_config(model_src, spec.base_dir)
+        adapter = adapter_for(config)
+    except (KeyError, OSError, ValueError) as exc:
+        raise SpecError(f"cannot use this model: {exc}", spec.locate("/model")) from None
+    if "family" in model_src and model_src["family"] != adapter.family:
+        raise SpecError(f"model is family {adapter.family!r} (model_type {config.model_type!r}), "
+                        f"not {model_src['family']!r}", spec.locate("/model/family"))
+    if model_src["attn_implementation"] == "eager" and model_src["dtype"] != "float32":
+        pass  # allowed; noted only because eager attention is slower
+    inputs = {**DEFAULT_INPUTS, **data.get("inputs", {})}
+    if adapter.needs_seq_len and "seq_len" not in inputs:
+        raise SpecError(f"family {adapter.family} needs `inputs.seq_len` (example sequence length)",
+                        spec.locate("/inputs"))
+    if adapter.needs_image:
+        inputs.setdefault("image_size", adapter.default_image_size())
+        patch = getattr(getattr(config, "vision_config", config), "patch_size", 1)
+        if inputs["image_size"] % patch:
+            raise SpecError(f"expected a multiple of the patch size {patch}", spec.locate("/inputs/image_size"))
+    if data.get("backend") == "triton":
+        raise SpecError("backend 'triton' is not available yet: no Triton kernels are registered; "
+                        "use auto or torch", spec.locate("/backend"))
+
+    domains = adapter.domains()
+    stages: list[Stage] = []
+    kept: dict[str, int] = {}          # domain -> candidates per row after the latest stage
+    order: list[tuple[int, str]] = []
+    for i, raw in enumerate(data["pipeline"]):
+        ptr = f"/pipeline/{i}"
+        if adapter.span is None:
+            raise SpecError(f"family {adapter.family!r} has no prunable token span yet (text-token "
+                            "pruning is not implemented); use an empty pipeline", spec.locate(ptr))
+        info = get_method(raw["method"])
+        action = raw.get("action", "prune")
+        if action != info.action:
+            raise SpecError(f"method {info.name!r} is a {info.action} method, not {action}",
+                            spec.locate(f"{ptr}/action"))
+        params = {**info.defaults, **raw.get("params", {})}
+        for err in jsonschema.Draft202012Validator(info.params_schema).iter_errors(raw.get("params", {})):
+            sub = _schema_error(err, PositionedDoc(None, {}, {}, spec.doc.file))
+            raise SpecError(f"params of {info.name}: {sub.message}",
+                            spec.locate(f"{ptr}/params{_pointer(err.absolute_path)}"))
+        protect = tuple(raw.get("protect", adapter.protectable))
+        for item in protect:
+            if item not in adapter.protectable:
+                raise SpecError(f"family {adapter.family} cannot protect {item!r}; expected one of: "
+                                f"{', '.join(adapter.protectable)}", spec.locate(f"{ptr}/protect"))
+        sites = parse_site(raw["site"])
+        budgets = _budget_values(raw["keep"], len(sites), ptr, spec)
+        for (where, layer), (kind, value) in zip(sites, budgets):
+            site_ptr = f"{ptr}/site"
+            if layer is None:
+                if where not in adapter.output_sites:
+                    raise SpecError(_site_help(adapter, domains, f"site {where!r}"), spec.locate(site_ptr))
+                domain = adapter.output_sites[where]
+                site, rank = where, (domains[domain].num_layers + 1) if where != "projector.output" else -1
+                if info.layer_sites_only:
+                    raise SpecError(f"method {info.name} reads a layer's attention, so it needs a "
+                                    f"`{domain}.layers[i]` site, not {where}", spec.locate(site_ptr))
+            else:
+                if where not in domains:
+                    raise SpecError(_site_help(adapter, domains, f"site domain {where!r}"), spec.locate(site_ptr))
+                domain, site, rank = where, f"{where}.layers[{layer}]", layer
+                n_layers = domains[domain].num_layers
+                if layer >= n_layers:
+                    raise SpecError(f"layer {layer} is out of range: {domain} has {n_layers} layers "
+                                    f"(0..{n_layers - 1}; sites are 0-indexed)", spec.locate(site_ptr))
+            if domain not in info.domains:
+                raise SpecError(f"method {info.name} works in {', '.join(info.domains)} sites, not {domain}",
+                                spec.locate(site_ptr))
+            if "attention_qk" in info.signals and model_src["attn_implementation"] != "sdpa":
+                raise SpecError(f"method {info.name} reads q/k from the layer's sdpa call; set "
+                                "model.attn_implementation: sdpa", spec.locate(f"{ptr}/method"))
+            positions = raw.get("positions", info.default_positions)
+            if layer is None and positions == "keep_original" and domains[domain].rotary_path:
+                raise SpecError(f"positions: keep_original is not available at {where}: the LLM numbers "
+                                "positions for the sequence it receives; use renumber", spec.locate(f"{ptr}/positions"))
+            original = adapter.initial_candidates_from_config(inputs, protect)
+            if domain in kept and kept[domain][1] != protect:
+                raise SpecError("every stage in one domain must protect the same tokens",
+                                spec.locate(f"{ptr}/protect"))
+            available = kept.get(domain, (original, protect))[0]
+            n_keep = resolve_count(kind, value, original)
+            budget_ptr = f"{ptr}/keep/{kind}"
+            if n_keep > available:
+                raise SpecError(f"budget keeps {n_keep} tokens but only {available} candidates reach {site}",
+                                spec.locate(budget_ptr))
+            if n_keep < 1:
+                raise SpecError(f"budget keeps 0 of {original} candidates; expected at least 1",
+                                spec.locate(budget_ptr))
+            key = (_domain_rank(domain, where), rank)
+            if order and key <= order[-1][0]:
+                raise SpecError(f"site {site} does not come after {order[-1][1]}; stages must follow the "
+                                "model's order and name each site once", spec.locate(site_ptr))
+            order.append((key, site))
+            kept[domain] = (n_keep, protect)
+            stages.append(Stage(ptr, site, domain, layer, info.name, action, tuple(sorted(params.items())),
+                                positions, protect, (kind, value), available, n_keep))
+    lock = _lock(data, model_src, inputs, stages, spec)
+    return Plan(spec, adapter, tuple(stages), lock)
+
+
+def _domain_rank(domain: str, where: str) -> int:
+    return 0 if domain == "vision" else 1
+
+
+def _site_help(adapter, domains, what: str) -> str:
+    sites = [f"{d}.layers[0..{info.num_layers - 1}]" for d, info in domains.items()] + list(adapter.output_sites)
+    return f"{what} does not exist for family {adapter.family}; available sites: {', '.join(sites)}"
+
+
+def _lock(data: dict, model_src: dict, inputs: dict, stages: list[Stage], spec: Spec) -> dict:
+    """The fully resolved spec: extends applied, defaults explicit, site lists expanded. A lock is
+    itself a valid spec and rebuilds the same artifact."""
+    model = dict(model_src)
+    for key in ("path", "config"):
+        if key in model:
+            model[key] = str((spec.base_dir / model[key]).resolve())
+    lock = {
+        "prunec": 1,
+        "name": data["name"],
+        "description": data.get("description", ""),
+        "model": model,
+        "inputs": inputs,
+        "pipeline": [
+            {"site": s.site, "action": s.action, "method": s.method, "params": s.param_dict,
+             "keep": {s.keep_spec[0]: s.keep_spec[1]}, "positions": s.positions, "protect": list(s.protect)}
+            for s in stages
+        ],
+        "backend": data.get("backend", "auto"),
+    }
+    if "output" in data:
+        lock["output"] = data["output"]
+    return lock
+
+
+def dump_lock(lock: dict) -> str:
+    header = "# prunec spec.lock.yaml: the resolved spec this artifact was built from (a valid spec)\n"
+    return header + yaml.safe_dump(lock, sort_keys=False, default_flow_style=False, allow_unicode=True)
