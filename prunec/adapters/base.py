@@ -68,6 +68,14 @@ class Adapter:
     def default_image_size(self) -> int | None:
         return None
 
+    def layer_dims(self, domain: str) -> tuple[int, int, int]:
+        """(hidden d, FFN width m, FFN matrices: 3 for SwiGLU, 2 for a plain MLP) for FLOPs."""
+        return self.config.hidden_size, self.config.intermediate_size, 2
+
+    def tokens_at_input(self, domain: str, inputs: dict[str, Any]) -> int:
+        """Sequence length a domain's layers see at the spec's example shapes, before pruning."""
+        return inputs["seq_len"]
+
     # -- candidates --------------------------------------------------------------------------
     def candidate_mask(self, graph: fx.Graph, site_value: fx.Node, protect: tuple[str, ...],
                        cut: fx.Node) -> fx.Node:

@@ -27,6 +27,9 @@ class LlamaAdapter(Adapter):
     def domains(self):
         return {"llm": Domain("llm", "hf.model.layers", self.config.num_hidden_layers, "hf.model.rotary_emb")}
 
+    def layer_dims(self, domain):
+        return self.config.hidden_size, self.config.intermediate_size, 3
+
     def wrap(self, model):
         return _CausalLM(model)
 

@@ -55,6 +55,10 @@ class LlavaAdapter(Adapter):
         text = self.config.text_config
         return {"llm": Domain("llm", f"{_LLM}.layers", text.num_hidden_layers, f"{_LLM}.rotary_emb")}
 
+    def layer_dims(self, domain):
+        text = self.config.text_config
+        return text.hidden_size, text.intermediate_size, 3
+
     def wrap(self, model):
         return _Llava(model)
 

@@ -39,6 +39,9 @@ class _VisionAdapter(Adapter):
     def domains(self):
         return {"vision": Domain("vision", self.layers_path, self.config.num_hidden_layers, None)}
 
+    def tokens_at_input(self, domain, inputs):
+        return (inputs["image_size"] // self.config.patch_size) ** 2 + self.leading_tokens()
+
     def wrap(self, model):
         return _VisionEncoder(model, self.interpolate)
 

@@ -1,0 +1,130 @@
+"""The `prunec` command line. Spec and build errors print one line per problem and exit 2."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import PrunecError, SpecErrors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="prunec: compile YAML token-pruning specs into rewritten, exported models.")
+
+EXIT_USER_ERROR = 2
+
+
+def _fail(exc: PrunecError) -> None:
+    lines = [e.format() for e in exc.errors] if isinstance(exc, SpecErrors) else [str(exc)]
+    for line in lines:
+        typer.echo(line if line.startswith(("error", "/")) or ":" in line.split(" ")[0] else f"error: {line}",
+                   err=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+@app.command()
+def validate(spec: Path = typer.Argument(..., help="spec file")) -> None:
+    """Validate a spec (YAML, schema, semantics against the model). Exit 0 if valid, 2 if not."""
+    from . import plan
+
+    try:
+        the_plan = plan(spec)
+    except PrunecError as exc:
+        _fail(exc)
+    typer.echo(f"ok: {spec} ({the_plan.adapter.family}, {len(the_plan.stages)} stage(s))")
+
+
+@app.command()
+def explain(spec: Path = typer.Argument(..., help="spec file")) -> None:
+    """Show each stage: site, method, tokens in and out, and the FLOPs they leave."""
+    from . import plan
+    from .explain import stage_table
+
+    try:
+        typer.echo(stage_table(plan(spec)))
+    except PrunecError as exc:
+        _fail(exc)
+
+
+@app.command()
+def build(spec: Path = typer.Argument(..., help="spec file"),
+          out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory (default: spec's output.dir or build)")) -> None:
+    """Compile a spec into DIR/<name>/ (model.pt2, module.py, manifest.json, spec.lock.yaml)."""
+    from . import plan
+    from .compiler import compile_plan
+    from .emit import emit
+    from .explain import stage_table
+    from .models import load_model
+
+    try:
+        start = time.perf_counter()
+        the_plan = plan(spec)
+        typer.echo(stage_table(the_plan))
+        model = load_model(the_plan.lock["model"], the_plan.spec.base_dir)
+        compiled = compile_plan(the_plan, model)
+        target = out or Path(the_plan.spec.data.get("output", {}).get("dir", "build"))
+        path = emit(compiled, model, target)
+    except PrunecError as exc:
+        _fail(exc)
+    steps = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in compiled.timings.items())
+    nodes = len(compiled.program.graph_module.graph.nodes)
+    typer.echo(f"passes: {steps}")
+    typer.echo(f"verified: rewritten graph re-exported with dynamic shapes ({nodes} nodes)")
+    typer.echo(f"wrote {path}/ in {time.perf_counter() - start:.1f}s")
+
+
+@app.command()
+def run(artifact: Path = typer.Argument(..., help="artifact directory written by build"),
+        batch: Optional[int] = typer.Option(None, help="batch size (default: the spec's)"),
+        seq_len: Optional[int] = typer.Option(None, help="sequence length (default: the spec's)"),
+        seed: int = typer.Option(0, help="seed of the random example inputs")) -> None:
+    """Run an artifact on seeded example inputs and print what came out."""
+    import torch
+
+    from . import load
+    from .adapters import adapter_for
+    from .adapters.base import ExampleShape
+    from .models import model_config
+
+    try:
+        if not (artifact / "manifest.json").is_file():
+            raise PrunecError(f"{artifact} is not a prunec artifact (no manifest.json)")
+        lock = __import__("yaml").safe_load((artifact / "spec.lock.yaml").read_text())
+        adapter = adapter_for(model_config(lock["model"], artifact))
+        inputs = lock["inputs"]
+        shape = ExampleShape(batch or inputs["batch"], seq_len or inputs.get("seq_len"), inputs.get("image_size"))
+        example = adapter.example_inputs(shape, seed)
+        module = load(artifact)
+        with torch.no_grad():
+            start = time.perf_counter()
+            output = module(*example)
+            seconds = time.perf_counter() - start
+    except PrunecError as exc:
+        _fail(exc)
+    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(adapter.input_names(), example))
+    typer.echo(f"inputs: {shapes}")
+    typer.echo(f"output: {tuple(output.shape)} {output.dtype}, finite: {bool(torch.isfinite(output).all())}, "
+               f"mean {output.float().mean().item():.6f}")
+    typer.echo(f"forward: {seconds * 1000:.1f} ms")
+
+
+@app.command()
+def schema() -> None:
+    """Print the spec's JSON Schema (Draft 2020-12)."""
+    from .schema import spec_schema
+
+    typer.echo(json.dumps(spec_schema(), indent=2))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

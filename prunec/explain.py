@@ -1,0 +1,58 @@
+"""Human-readable summaries of a plan: the stage table of `prunec explain` and `prunec build`."""
+from __future__ import annotations
+
+from .flops import CONVENTION, estimate, segments
+from .spec import Plan
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def stage_table(plan: Plan) -> str:
+    inputs = plan.lock["inputs"]
+    tokens = {name: plan.adapter.tokens_at_input(name, inputs) for name in plan.adapter.domains()}
+    flops = estimate(plan)
+    segs = segments(plan)
+    rows = [["#", "site", "method", "positions", "tokens in -> out", "candidates kept", "FLOPs share"]]
+    for i, stage in enumerate(plan.stages):
+        before = tokens[stage.domain]
+        tokens[stage.domain] -= stage.n_candidates - stage.n_keep
+        after_macs = sum(s.macs for s in segs if _governing_stage(plan, s) is stage)
+        share = after_macs / flops["baseline_macs"] if flops["baseline_macs"] else 0.0
+        rows.append([str(i), stage.site, stage.method, stage.positions, f"{before} -> {tokens[stage.domain]}",
+                     f"{stage.n_keep}/{stage.n_candidates}", f"{share:6.1%}"])
+    text = [f"{plan.spec.name}: {plan.adapter.family} model, example inputs {_shape(inputs)}"]
+    if plan.stages:
+        text.append(_table(rows))
+    else:
+        text.append("(no stages: the emitted module computes exactly what the model computes)")
+    layers = [["segment", "layers", "tokens", "share of unpruned FLOPs"]]
+    for s in segs:
+        share = s.macs / flops["baseline_macs"] if flops["baseline_macs"] else 0.0
+        layers.append([s.domain, f"{s.first_layer}-{s.last_layer}", str(s.tokens), f"{share:6.1%}"])
+    text.append(_table(layers))
+    text.append(f"prefill FLOPs: {flops['ratio']:.1%} of unpruned; FLOPs share = the layers a stage's "
+                f"output feeds, as a share of the unpruned total ({CONVENTION})")
+    return "\n".join(text)
+
+
+def _governing_stage(plan: Plan, segment):
+    """The last stage whose output the segment's layers run on (None: they see the full input)."""
+    found = None
+    for stage in plan.stages:
+        if stage.domain == segment.domain and (stage.layer is None or stage.layer < segment.first_layer):
+            found = stage
+    return found
+
+
+def _shape(inputs: dict) -> str:
+    parts = [f"batch {inputs['batch']}"]
+    if "seq_len" in inputs:
+        parts.append(f"seq_len {inputs['seq_len']}")
+    if "image_size" in inputs:
+        parts.append(f"image {inputs['image_size']}px")
+    return ", ".join(parts)
