@@ -202,13 +202,13 @@ def _schema_error(err: jsonschema.ValidationError, doc: PositionedDoc) -> SpecEr
         key_ptr = f"{pointer}/{escape_pointer_token(extra[0])}" if extra else pointer
         return SpecError(f"unknown key {extra[0]!r}; expected one of: {allowed}" if extra else err.message,
                          doc.locate_key(key_ptr))
+    if err.validator == "oneOf" and pointer == "/model":
+        return SpecError("expected exactly one of `builtin`, `path` or `config`", doc.locate(pointer))
     if err.validator in ("oneOf", "anyOf") and err.context:
         # Report the branch that got furthest, which names the real problem.
         best = max(err.context, key=lambda e: (len(e.absolute_path), e.validator != "type"))
         if best.validator != "required":
             return _schema_error(best, doc)
-        if pointer == "/model":
-            return SpecError("expected exactly one of `builtin`, `path` or `config`", doc.locate(pointer))
     expected = _expected(err)
     return SpecError(f"{expected}, got {json.dumps(err.instance)[:80]}" if expected else err.message,
                      doc.locate(pointer))
@@ -304,7 +304,7 @@ def resolve(spec: Spec) -> Plan:
     inputs = {**DEFAULT_INPUTS, **data.get("inputs", {})}
     if adapter.needs_seq_len and "seq_len" not in inputs:
         raise SpecError(f"family {adapter.family} needs `inputs.seq_len` (example sequence length)",
-                        spec.locate("/inputs"))
+                        spec.doc.locate_key("/inputs"))
     if adapter.needs_image:
         inputs.setdefault("image_size", adapter.default_image_size())
         patch = getattr(getattr(config, "vision_config", config), "patch_size", 1)

@@ -1,0 +1,73 @@
+"""Shared helpers: build a spec written inline, and seeded inputs with left padding."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parent.parent
+_BUILD_ROOT = None
+
+
+def write_spec(directory: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _build_cached(text: str, root: str):
+    import prunec
+
+    directory = Path(root) / f"spec{abs(hash(text))}"
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = write_spec(directory, text)
+    plan = prunec.plan(spec)
+    artifact = prunec.build(spec, directory / "out")
+    return plan, prunec.load(artifact), artifact
+
+
+@pytest.fixture(scope="session")
+def build(tmp_path_factory):
+    """build(spec_text) -> (plan, loaded module, artifact dir); each distinct spec builds once."""
+    root = tmp_path_factory.mktemp("builds")
+    return lambda text: _build_cached(textwrap.dedent(text).lstrip(), str(root))
+
+
+def llava_inputs(config, pads: list[int], seq_len: int, image_offsets: list[int] | None = None, seed: int = 0):
+    """A LLaVA batch with left padding: row b has pads[b] pad tokens, then text with the image block
+    at image_offsets[b] tokens after the padding. Different pads give different prompt lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    text = config.text_config
+    n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    batch = len(pads)
+    offsets = image_offsets or [1 + (b % 3) for b in range(batch)]
+    ids = torch.randint(3, config.image_token_id, (batch, seq_len), generator=gen)
+    mask = torch.ones(batch, seq_len, dtype=torch.long)
+    for b, pad in enumerate(pads):
+        ids[b, :pad] = text.pad_token_id
+        mask[b, :pad] = 0
+        start = pad + offsets[b]
+        ids[b, start:start + n_image] = config.image_token_id
+        assert start + n_image < seq_len, "image block must leave room for text after it"
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=gen)
+    return ids, mask, pixels
+
+
+def assert_close_on_real_tokens(actual, expected, pads, atol=1e-5):
+    """Compare [B, K, ...] outputs on non-padding positions. Left padding is never pruned, so row b's
+    first pads[b] outputs are padding; sdpa and eager attention disagree on fully-masked rows."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    for b, pad in enumerate(pads):
+        torch.testing.assert_close(actual[b, pad:], expected[b, pad:], atol=atol, rtol=0,
+                                   msg=lambda m, b=b: f"row {b}: {m}")

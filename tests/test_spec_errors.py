@@ -1,0 +1,152 @@
+"""Invalid specs: each exits 2 with `file:line:col: error at <pointer>: <what was expected>` and no
+traceback. Expected lines are written by hand from the YAML below, not taken from the code."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from prunec.cli import app
+
+BASE = """\
+prunec: 1
+name: bad
+model:
+  builtin: tiny-llava
+inputs:
+  batch: 2
+  seq_len: 30
+pipeline:
+  - site: llm.layers[1]
+    method: fastv
+    keep: {ratio: 0.5}
+"""
+
+
+def variant(replace: dict[int, str] | None = None, append: str = "", delete: tuple[int, ...] = ()) -> str:
+    """BASE with 1-based lines replaced (a value may hold several lines) or deleted, plus an appendix."""
+    lines = BASE.splitlines()
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if number in delete:
+            continue
+        out.append((replace or {}).get(number, line))
+    return "\n".join(out) + "\n" + append
+
+
+TWO_STAGES = variant(replace={9: "  - site: projector.output", 10: "    method: divprune",
+                              11: "    keep: {count: 8}"},
+                     append="  - site: llm.layers[1]\n    method: fastv\n    keep: {count: 10}\n")
+
+# (case id, {file name: text}, file to validate, expected line, text the message must contain)
+CASES = [
+    ("unknown-top-level-key", {"s.yaml": variant(append="colour: red\n")}, 12, "unknown key 'colour'"),
+    ("unknown-stage-key", {"s.yaml": variant(replace={10: "    methd: fastv"})}, 10, "unknown key 'methd'"),
+    ("wrong-type", {"s.yaml": variant(replace={6: "  batch: two"})}, 6, "expected integer"),
+    ("layer-out-of-range", {"s.yaml": variant(replace={9: "  - site: llm.layers[9]"})}, 9, "out of range"),
+    ("budget-too-large", {"s.yaml": variant(replace={11: "    keep: {count: 99}"})}, 11, "only 16 candidates"),
+    ("ratio-zero", {"s.yaml": variant(replace={11: "    keep: {ratio: 0}"})}, 11, "expected a number > 0"),
+    ("ratio-above-one", {"s.yaml": variant(replace={11: "    keep: {ratio: 1.5}"})}, 11, "expected a number <= 1"),
+    ("unknown-method", {"s.yaml": variant(replace={10: "    method: fastvv"})}, 10, "expected one of: divprune, fastv"),
+    ("unknown-site-for-family", {"s.yaml": variant(replace={9: "  - site: vision.layers[0]"})}, 9,
+     "does not exist for family llava"),
+    ("missing-model", {"s.yaml": variant(delete=(3, 4))}, 1, "'model' is a required property"),
+    ("python-tag", {"s.yaml": variant(replace={6: "  batch: !!python/object/apply:os.system ['echo hi']"})}, 6,
+     "is not allowed"),
+    ("duplicate-key", {"s.yaml": variant(replace={7: "  batch: 3"})}, 7, "duplicate key 'batch'"),
+    ("circular-extends", {"s.yaml": "prunec: 1\nextends: t.yaml\nname: a\n",
+                          "t.yaml": "prunec: 1\nextends: s.yaml\nname: b\n"}, 2, "circular extends"),
+    ("wrong-format-version", {"s.yaml": variant(replace={1: "prunec: 2"})}, 1, "expected 1"),
+    ("missing-pipeline", {"s.yaml": variant(delete=(8, 9, 10, 11))}, 1, "'pipeline' is a required property"),
+    ("two-model-sources", {"s.yaml": variant(replace={4: "  builtin: tiny-llava\n  path: ./weights"})}, 4,
+     "exactly one of `builtin`, `path` or `config`"),
+    ("model-path-missing", {"s.yaml": variant(replace={4: "  path: ./no-such-dir"})}, 4, "does not exist"),
+    ("invalid-yaml", {"s.yaml": variant(replace={11: "    keep: {ratio: 0.5"})}, 12, "invalid YAML"),
+    ("empty-file", {"s.yaml": ""}, 1, "spec is empty"),
+    ("count-and-ratio", {"s.yaml": variant(replace={11: "    keep: {count: 2, ratio: 0.5}"})}, 11,
+     "exactly one of `count` or `ratio`"),
+    ("budget-list-length", {"s.yaml": variant(replace={9: "  - site: llm.layers[1, 2]",
+                                                       11: "    keep: {ratio: [0.5]}"})}, 11, "expected 2 budgets"),
+    ("stages-out-of-order", {"s.yaml": variant(replace={9: "  - site: llm.layers[2]"},
+                                               append="  - site: llm.layers[1]\n    method: fastv\n"
+                                                      "    keep: {ratio: 0.25}\n")}, 12, "does not come after"),
+    ("fastv-needs-layer-site", {"s.yaml": variant(replace={9: "  - site: projector.output"})}, 9,
+     "needs a `llm.layers[i]` site"),
+    ("keep-original-before-llm", {"s.yaml": variant(replace={9: "  - site: projector.output",
+                                                             10: "    method: divprune",
+                                                             11: "    keep: {ratio: 0.5}\n    positions: keep_original"})},
+     12, "use renumber"),
+    ("unknown-method-param", {"s.yaml": variant(replace={11: "    keep: {ratio: 0.5}\n    params: {queyr: last}"})}, 12,
+     "unknown key 'queyr'"),
+    ("bad-method-param-value", {"s.yaml": variant(replace={11: "    keep: {ratio: 0.5}\n    params: {query: first}"})},
+     12, "expected one of: last, all"),
+    ("protect-cls-on-llava", {"s.yaml": variant(replace={11: "    keep: {ratio: 0.5}\n    protect: [cls]"})}, 12,
+     "cannot protect 'cls'"),
+    ("no-span-family", {"s.yaml": variant(replace={4: "  builtin: tiny-llama"})}, 9, "no prunable token span"),
+    ("triton-backend", {"s.yaml": variant(append="backend: triton\n")}, 12, "not available yet"),
+    ("bad-name", {"s.yaml": variant(replace={2: "name: a/b"})}, 2, "expected a string matching"),
+    ("extends-missing-file", {"s.yaml": "prunec: 1\nextends: nowhere.yaml\nname: x\n"}, 2, "does not exist"),
+    ("attention-needs-sdpa", {"s.yaml": variant(replace={4: "  builtin: tiny-llava\n  attn_implementation: eager"})},
+     11, "set model.attn_implementation: sdpa"),
+    ("ratio-keeps-nothing", {"s.yaml": variant(replace={11: "    keep: {ratio: 0.01}"})}, 11, "keeps 0 of 16"),
+    ("later-stage-over-budget", {"s.yaml": TWO_STAGES}, 14, "only 8 candidates reach llm.layers[1]"),
+    ("malformed-site", {"s.yaml": variant(replace={9: "  - site: llm.layer[1]"})}, 9, "expected a string matching"),
+    ("alias-bomb", {"s.yaml": "a: &a [1, 2]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                              "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c]\n"},
+     1, "alias expansions"),  # reported at the anchored node that is expanded too often
+    ("yaml-merge-key", {"s.yaml": variant(replace={5: "inputs:\n  <<: {batch: 2}"}, delete=(6,))}, 6, "merge keys"),
+    ("non-string-key", {"s.yaml": variant(append="1: x\n")}, 12, "keys must be strings"),
+    ("pipeline-mapping-without-extends", {"s.yaml": variant(replace={9: "  fastv: {keep: {ratio: 0.5}}"},
+                                                            delete=(10, 11))}, 9, "needs `extends:`"),
+    ("patch-unknown-stage-id", {"base.yaml": variant(replace={9: "  - id: first\n    site: llm.layers[1]"}),
+                                "s.yaml": "prunec: 1\nextends: base.yaml\npipeline:\n  second:\n"
+                                          "    keep: {ratio: 0.25}\n"}, 4, "no stage with id 'second'"),
+    ("inherited-error-points-at-base", {"base.yaml": variant(replace={11: "    keep: {ratio: 0.01}"}),
+                                        "s.yaml": "prunec: 1\nextends: base.yaml\nname: child\n"}, 11, "keeps 0 of 16"),
+    ("missing-seq-len", {"s.yaml": variant(delete=(7,))}, 5, "needs `inputs.seq_len`"),
+    ("image-size-not-patch-multiple", {"s.yaml": variant(replace={7: "  seq_len: 30\n  image_size: 30"})}, 8,
+     "multiple of the patch size 7"),
+    ("spec-is-a-list", {"s.yaml": "- prunec: 1\n"}, 1, "must be a YAML mapping"),
+    ("negative-seed", {"s.yaml": variant(replace={4: "  builtin: tiny-llava\n  seed: -1"})}, 5, "expected a number >= 0"),
+]
+
+
+def _expected_file(case_id: str, files: dict[str, str]) -> str:
+    if case_id == "circular-extends":
+        return "t.yaml"
+    if case_id == "inherited-error-points-at-base":
+        return "base.yaml"
+    return "s.yaml"
+
+
+@pytest.mark.parametrize("case_id,files,line,message", CASES, ids=[c[0] for c in CASES])
+def test_invalid_spec_reports_location_and_exits_2(tmp_path, case_id, files, line, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "s.yaml")])
+    output = result.output
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output
+    where = re.escape(str(tmp_path / _expected_file(case_id, files)))
+    assert re.search(rf"^{where}:{line}:\d+: error at /\S*: ", output, re.M), output
+    assert message in output, output
+
+
+def test_enough_distinct_cases():
+    assert len({c[0] for c in CASES}) >= 25
+
+
+@pytest.mark.parametrize("case_id", ["python-tag", "layer-out-of-range", "circular-extends"])
+def test_real_process_exit_code_and_no_traceback(tmp_path, case_id):
+    _, files, line, message = next(c for c in CASES if c[0] == case_id)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "prunec.cli", "build", str(tmp_path / "s.yaml"),
+                           "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert f":{line}:" in proc.stderr and message in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
