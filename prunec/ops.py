@@ -31,7 +31,7 @@ def _keep_indices(candidates: torch.Tensor, positions: torch.Tensor, local_keep:
     keep = ~candidates
     keep = keep.scatter(1, positions.gather(1, local_keep), True)
     kept = candidates.shape[1] - positions.shape[1] + local_keep.shape[1]
-    return keep.nonzero()[:, 1].view(candidates.shape[0], kept)
+    return keep.nonzero()[:, 1].reshape(candidates.shape[0], kept).clone()  # own storage, offset 0
 
 
 def _keep_shape(candidates: torch.Tensor, n_candidates: int, n_keep: int) -> torch.Tensor:

@@ -27,6 +27,8 @@ from .yaml_loader import PositionedDoc, escape_pointer_token, load_yaml
 
 DEFAULT_INPUTS = {"batch": 2, "seed": 0}
 DEFAULT_MODEL = {"seed": 0, "dtype": "float32", "attn_implementation": "sdpa"}
+_ONE_CHOICE = re.compile(r"^/pipeline/\d+/keep$")
+_MODEL_SOURCES = {"builtin", "path", "config"}
 _LAYER_SITE = re.compile(r"^(llm|vision|encoder)\.layers\[([\d,\s]+)\]$")
 
 
@@ -112,9 +114,13 @@ def _read(path: Path, chain: tuple[Path, ...], at: Location | None) -> Positione
 
 def _merge(base: Any, over: Any, pointer: str, base_locs: dict, over_locs: dict, out_locs: dict,
            doc: PositionedDoc) -> Any:
-    """Deep-merge `over` onto `base`: mappings merge, lists and scalars replace, null deletes."""
-    if isinstance(base, dict) and isinstance(over, dict):
+    """Deep-merge `over` onto `base`: mappings merge, lists and scalars replace, null deletes.
+    Two mappings are one choice each and so replace rather than merge: a stage's `keep` (count or
+    ratio), and the model's source (`builtin` / `path` / `config`)."""
+    if isinstance(base, dict) and isinstance(over, dict) and not _ONE_CHOICE.match(pointer):
         merged = dict(base)
+        if pointer == "/model" and _MODEL_SOURCES & set(over):
+            merged = {k: v for k, v in merged.items() if k not in _MODEL_SOURCES}
         for key, value in over.items():
             child = f"{pointer}/{escape_pointer_token(key)}"
             if value is None:
