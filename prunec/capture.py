@@ -21,7 +21,6 @@ class Captured:
     graph_module: fx.GraphModule
     example_inputs: tuple[torch.Tensor, ...]
     dynamic_shapes: tuple
-    wrapper: torch.nn.Module
 
 
 def capture(model: torch.nn.Module, adapter: Adapter, shape: ExampleShape, seed: int,
@@ -35,7 +34,7 @@ def capture(model: torch.nn.Module, adapter: Adapter, shape: ExampleShape, seed:
     except Exception as exc:  # export errors are long; keep the first line and the model family
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BuildError(f"capture: torch.export failed for family {adapter.family}: {first}") from exc
-    return Captured(program.module(), inputs, dynamic, wrapper)
+    return Captured(program.module(), inputs, dynamic)
 
 
 def reexport(gm: fx.GraphModule, inputs: tuple, dynamic_shapes: tuple) -> torch.export.ExportedProgram:

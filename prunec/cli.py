@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .errors import PrunecError, SpecErrors
+from .errors import PrunecError, SpecError, SpecErrors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="prunec: compile YAML token-pruning specs into rewritten, exported models.")
@@ -18,10 +18,14 @@ EXIT_USER_ERROR = 2
 
 
 def _fail(exc: PrunecError) -> None:
-    lines = [e.format() for e in exc.errors] if isinstance(exc, SpecErrors) else [str(exc)]
+    if isinstance(exc, SpecErrors):
+        lines = [e.format() for e in exc.errors]
+    elif isinstance(exc, SpecError):
+        lines = [exc.format()]
+    else:
+        lines = [f"error: {exc}"]
     for line in lines:
-        typer.echo(line if line.startswith(("error", "/")) or ":" in line.split(" ")[0] else f"error: {line}",
-                   err=True)
+        typer.echo(line, err=True)
     raise typer.Exit(EXIT_USER_ERROR)
 
 

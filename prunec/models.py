@@ -82,12 +82,11 @@ def load_model(source: dict[str, Any], base_dir: Path) -> torch.nn.Module:
     """Build (seeded random weights) or load (local directory) the spec's model, in eval mode."""
     dtype = getattr(torch, source.get("dtype", "float32"))
     attn = source.get("attn_implementation", "sdpa")
+    config = model_config(source, base_dir)
     if "path" in source:
-        config = model_config(source, base_dir)
         model = _model_class(config).from_pretrained(base_dir / source["path"], local_files_only=True,
                                                      dtype=dtype, attn_implementation=attn)
     else:
-        config = model_config(source, base_dir)
         config._attn_implementation = attn
         for sub in ("vision_config", "text_config"):
             if getattr(config, sub, None) is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .methods import get_method, method_names
+from .methods import method_names
 from .models import BUILTIN_CONFIGS
 
 SPEC_VERSION = 1
@@ -101,6 +101,3 @@ def spec_schema() -> dict[str, Any]:
         },
     }
 
-
-def method_params_schema(name: str) -> dict[str, Any]:
-    return get_method(name).params_schema

@@ -27,6 +27,7 @@ from .yaml_loader import PositionedDoc, escape_pointer_token, load_yaml
 
 DEFAULT_INPUTS = {"batch": 2, "seed": 0}
 DEFAULT_MODEL = {"seed": 0, "dtype": "float32", "attn_implementation": "sdpa"}
+_DOMAIN_ORDER = {"vision": 0, "llm": 1, "encoder": 1}  # a VLM runs its vision tower first
 _ONE_CHOICE = re.compile(r"^/pipeline/\d+/keep$")
 _MODEL_SOURCES = {"builtin", "path", "config"}
 _LAYER_SITE = re.compile(r"^(llm|vision|encoder)\.layers\[([\d,\s]+)\]$")
@@ -305,8 +306,6 @@ def resolve(spec: Spec) -> Plan:
     if "family" in model_src and model_src["family"] != adapter.family:
         raise SpecError(f"model is family {adapter.family!r} (model_type {config.model_type!r}), "
                         f"not {model_src['family']!r}", spec.locate("/model/family"))
-    if model_src["attn_implementation"] == "eager" and model_src["dtype"] != "float32":
-        pass  # allowed; noted only because eager attention is slower
     inputs = {**DEFAULT_INPUTS, **data.get("inputs", {})}
     if adapter.needs_seq_len and "seq_len" not in inputs:
         raise SpecError(f"family {adapter.family} needs `inputs.seq_len` (example sequence length)",
@@ -387,7 +386,7 @@ def resolve(spec: Spec) -> Plan:
             if n_keep < 1:
                 raise SpecError(f"budget keeps 0 of {original} candidates; expected at least 1",
                                 spec.locate(budget_ptr))
-            key = (_domain_rank(domain, where), rank)
+            key = (_DOMAIN_ORDER.get(domain, 1), rank)
             if order and key <= order[-1][0]:
                 raise SpecError(f"site {site} does not come after {order[-1][1]}; stages must follow the "
                                 "model's order and name each site once", spec.locate(site_ptr))
@@ -397,10 +396,6 @@ def resolve(spec: Spec) -> Plan:
                                 positions, protect, (kind, value), available, n_keep))
     lock = _lock(data, model_src, inputs, stages, spec)
     return Plan(spec, adapter, tuple(stages), lock)
-
-
-def _domain_rank(domain: str, where: str) -> int:
-    return 0 if domain == "vision" else 1
 
 
 def _site_help(adapter, domains, what: str) -> str:

@@ -131,6 +131,14 @@ LLAVA_SPECS = {
         pipeline:
           - {site: "llm.layers[0]", method: fastv, params: {query: all}, keep: {count: 6}, positions: renumber}
     """,
+    "fastv-last-layer": """
+        prunec: 1
+        name: fastv-last-layer
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 30}
+        pipeline:
+          - {site: "llm.layers[3]", method: fastv, keep: {count: 5}}
+    """,
     "divprune": """
         prunec: 1
         name: divprune-test
@@ -206,3 +214,23 @@ def test_vision_divprune_matches_hook_reference(build, builtin, site, layer):
         pixels = torch.randn(batch, 3, 28, 28, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             torch.testing.assert_close(module(pixels), reference(pixels), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("source", ["path", "config"])
+def test_models_from_a_local_directory_or_config_file(tmp_path, source):
+    """`model.path` loads with from_pretrained (local files only); `model.config` builds seeded
+    random weights from a config file. Both capture and reproduce the model they name."""
+    import prunec
+
+    seeded = load_model({"builtin": "tiny-llama", "seed": 5}, tmp_path)
+    seeded.save_pretrained(tmp_path / "weights")
+    key, value = ("path", "weights") if source == "path" else ("config", "weights/config.json")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"prunec: 1\nname: local-{source}\nmodel: {{{key}: {value}, seed: 5}}\n"
+                    "inputs: {batch: 2, seq_len: 10}\npipeline: []\n")
+    module = prunec.load(prunec.build(spec, tmp_path / "out"))
+    ids = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = seeded(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        torch.testing.assert_close(module(ids, mask), expected, atol=ATOL, rtol=0)

@@ -75,3 +75,23 @@ def test_ops_survive_torch_compile():
     candidates = torch.tensor([[False, True, True, True, True, False]] * 2)
     compiled = torch.compile(prune, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, scores, candidates), prune(x, scores, candidates))
+
+
+def test_attention_received_repeats_grouped_kv_heads():
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 4, 5, 8, generator=gen), torch.randn(1, 2, 5, 8, generator=gen)
+    repeated = k.repeat_interleave(2, dim=1)
+    for query in ("last", "all"):
+        torch.testing.assert_close(attention_received(q, k, None, 0.3, True, query),
+                                   attention_received(q, repeated, None, 0.3, True, query))
+
+
+def test_attention_received_all_queries_is_the_mean_over_causal_rows():
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 2, 4, 3, generator=gen), torch.randn(1, 2, 4, 3, generator=gen)
+    got = attention_received(q, k, None, 1.0, True, "all")[0]
+    expected = torch.zeros(4)
+    for i in range(4):  # query i attends keys 0..i
+        for h in range(2):
+            expected[: i + 1] += torch.softmax(q[0, h, i] @ k[0, h, : i + 1].T, -1) / 2
+    torch.testing.assert_close(got, expected / 4)

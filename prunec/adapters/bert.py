@@ -35,7 +35,7 @@ class BertAdapter(Adapter):
 
     def example_inputs(self, shape: ExampleShape, seed: int):
         gen = torch.Generator().manual_seed(seed)
-        special = {self.config.pad_token_id, 101, 102}
+        special = {self.config.pad_token_id}
         ids = random_token_ids((shape.batch, shape.seq_len), self.config.vocab_size, special, gen)
         return ids, torch.ones_like(ids)
 

@@ -28,6 +28,8 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | No
     Returns: [B, S] float32 scores.
     """
     seq = q.shape[-2]
+    if k.shape[1] != q.shape[1]:  # grouped-query attention with un-repeated KV heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     rows = q[..., -1:, :] if query == "last" else q
     first_row = seq - rows.shape[-2]
     logits = torch.matmul(rows.float(), k.float().transpose(-1, -2)) * scale  # [B, H, R, S]
