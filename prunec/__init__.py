@@ -42,14 +42,11 @@ def build(spec_path, out_dir: str | Path | None = None) -> Path:
 
 
 def load(path: str | Path):
-    """Load an artifact directory (or its model.pt2) as a runnable torch.nn.Module."""
-    import torch
+    """Load an artifact directory (or its model.pt2) as a runnable torch.nn.Module. Nothing in the
+    artifact is unpickled, and a directory's program must match its manifest digest."""
+    from .artifact import load_program
 
-    from . import ops  # noqa: F401  (the prunec custom ops must be registered before loading)
-
-    path = Path(path)
-    program = torch.export.load(path / "model.pt2" if path.is_dir() else path)
-    return program.module()
+    return load_program(path).module()
 
 
 __all__ = ["BuildError", "PrunecError", "SpecError", "build", "load", "load_spec", "plan", "__version__"]

@@ -116,6 +116,44 @@ def run(artifact: Path = typer.Argument(..., help="artifact directory written by
 
 
 @app.command()
+def diff(a: Path = typer.Argument(..., help="spec or lock A"), b: Path = typer.Argument(..., help="spec or lock B")) -> None:
+    """Semantic diff of two specs after extends and defaults. Exit 0 if equivalent, 1 if not."""
+    from . import plan
+    from .diff import consequences, differences
+
+    try:
+        plan_a, plan_b = plan(a), plan(b)
+    except PrunecError as exc:
+        _fail(exc)
+    found = differences(plan_a, plan_b)
+    for difference in found:
+        typer.echo(str(difference))
+    semantic = [d for d in found if d.semantic]
+    if not semantic:
+        typer.echo("equivalent: the two specs compile the same computation")
+        raise typer.Exit(0)
+    for line in consequences(plan_a, plan_b):
+        typer.echo(line)
+    raise typer.Exit(1)
+
+
+@app.command()
+def verify(artifact: Path = typer.Argument(..., help="artifact directory"),
+           rebuild: bool = typer.Option(False, "--rebuild", help="also rebuild from the lock and compare bytes")) -> None:
+    """Check an artifact against its manifest: hashes, versions, and optionally a rebuild.
+    Exit 0 if it checks out (warnings allowed), 1 on a mismatch, 2 if it cannot be read."""
+    from .verify import verify_artifact
+
+    try:
+        report = verify_artifact(artifact, rebuild=rebuild)
+    except PrunecError as exc:
+        _fail(exc)
+    for line in report.lines():
+        typer.echo(line)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
 def schema() -> None:
     """Print the spec's JSON Schema (Draft 2020-12)."""
     from .schema import spec_schema

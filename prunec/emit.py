@@ -7,9 +7,11 @@ renamed into place only when complete, so a failed or killed build never leaves 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
 import platform
 import shutil
 import tempfile
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .artifact import program_digest, weights_digest
 from .compiler import Compiled
 from .flops import estimate
 from .models import model_identity
@@ -49,7 +52,8 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_text: str) -> dict:
+def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_text: str,
+             program_sha256: str) -> dict:
     plan = compiled.plan
     graph = compiled.program.graph_module.graph
     ops = Counter(str(n.target) for n in graph.nodes if str(n.target).startswith("prunec."))
@@ -87,7 +91,9 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
         "stages": stages,
         "flops": estimate(plan),
         "graph": {"nodes": len(graph.nodes), "prunec_ops": dict(sorted(ops.items()))},
-        "files": {"module.py": _sha256(module_code.encode()), "spec.lock.yaml": _sha256(lock_text.encode())},
+        "weights_sha256": weights_digest(compiled.program),
+        "files": {"model.pt2": program_sha256, "module.py": _sha256(module_code.encode()),
+                  "spec.lock.yaml": _sha256(lock_text.encode())},
     }
 
 
@@ -97,17 +103,20 @@ def emit(compiled: Compiled, model: torch.nn.Module, out_dir: str | Path) -> Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     name = compiled.plan.spec.name
     final = out_dir / name
-    for stale in out_dir.glob(f".{name}.tmp-*"):  # left by a killed build
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
+    _remove_abandoned_staging(out_dir, name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=out_dir))
     staging.chmod(0o755)
     try:
-        module_code = compiled.program.module().code.strip() + "\n"
+        program = compiled.program
+        for node in program.graph.nodes:
+            node.meta.pop("from_node", None)  # provenance holding memory addresses: not reproducible
+        program.example_inputs = None  # torch saves them pickled; loading must never need pickle
+        module_code = program.module().code.strip() + "\n"
         lock_text = dump_lock(compiled.plan.lock)
-        torch.export.save(compiled.program, staging / "model.pt2")
+        torch.export.save(program, staging / "model.pt2")
         (staging / "module.py").write_text(module_code)
         (staging / "spec.lock.yaml").write_text(lock_text)
-        data = manifest(compiled, model, module_code, lock_text)
+        data = manifest(compiled, model, module_code, lock_text, program_digest(staging / "model.pt2"))
         (staging / "manifest.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         for path in staging.iterdir():
             with open(path, "rb") as handle:
@@ -119,11 +128,33 @@ def emit(compiled: Compiled, model: torch.nn.Module, out_dir: str | Path) -> Pat
     return final
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_abandoned_staging(out_dir: Path, name: str) -> None:
+    """Delete staging directories left by killed builds (never those of a build still running)."""
+    for stale in out_dir.glob(f".{name}.tmp-*"):
+        match = re.match(rf"^\.{re.escape(name)}\.tmp-(?:old-)?(\d+)-", stale.name)
+        if match is None or not _pid_alive(int(match.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _swap_into_place(staging: Path, final: Path) -> None:
-    if not final.exists():
+    """Rename the finished staging directory to `final`, under a lock so racing builds of the
+    same name replace each other whole. A symlink at `final` is replaced, never followed."""
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.lexists(final):
+            os.replace(staging, final)
+            return
+        retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-old-{os.getpid()}-", dir=final.parent))
+        os.replace(final, retired / final.name)
         os.replace(staging, final)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-old-", dir=final.parent))
-    os.replace(final, retired / final.name)
-    os.replace(staging, final)
-    shutil.rmtree(retired, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)

@@ -66,6 +66,13 @@ def load_yaml(text: str, file: str) -> PositionedDoc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise SpecError(f"invalid YAML: {exc.problem or exc}", Location(file, line, col, "")) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, e.g. a control code
+        before = text[: exc.position]
+        line, col = before.count("\n") + 1, exc.position - (before.rfind("\n") + 1) + 1
+        raise SpecError(f"invalid YAML: character {exc.character!r} is not allowed",
+                        Location(file, line, col, "")) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise SpecError(f"invalid YAML: {type(exc).__name__}", Location(file, 1, 1, "")) from None
     if len(nodes) != 1 or nodes[0] is None:
         what = "is empty" if not nodes or nodes[0] is None else f"holds {len(nodes)} documents"
         raise SpecError(f"spec {what}; expected exactly one YAML mapping", Location(file, 1, 1, ""))

@@ -1,0 +1,126 @@
+"""Reading artifacts without trusting them.
+
+`torch.export.load` unpickles some payloads (pickled weights and constants, sample inputs, with a
+`weights_only=False` fallback), so a tampered `model.pt2` could run code. prunec never emits any of
+those payloads, and before handing an archive to torch it checks that the archive holds only raw
+tensor files, JSON and version stamps: every weight and constant is `use_pickle: false`, there are
+no custom-object or opaque constants, and the sample-inputs entry is empty. With a manifest beside
+it, the archive's content digest must also match before anything is deserialized.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .errors import PrunecError
+
+_ALLOWED = re.compile(
+    r"^[^/]+/(?:data/weights/(?:weight_\d+|model_weights_config\.json)"
+    r"|data/constants/(?:tensor_\d+|model_constants_config\.json)"
+    r"|models/model\.json|data/sample_inputs/model\.pt"
+    r"|archive_format|archive_version|\.data/version|byteorder|\.data/serialization_id)$"
+)
+_VOLATILE = ".data/serialization_id"  # random per save; not part of the content digest
+
+
+class ArtifactError(PrunecError):
+    """An artifact is missing, corrupted, tampered with or of an unknown format."""
+
+
+def _open(path: Path) -> zipfile.ZipFile:
+    try:
+        archive = zipfile.ZipFile(path)
+        bad = archive.testzip()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} does not exist") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ArtifactError(f"{path} is not a readable .pt2 archive (truncated or not a zip): {exc}") from None
+    if bad is not None:
+        raise ArtifactError(f"{path}: entry {bad} fails its CRC check (corrupted)")
+    return archive
+
+
+def _payload_config(archive: zipfile.ZipFile, name: str, kind: str, path: Path) -> None:
+    try:
+        config = json.loads(archive.read(name))["config"]
+    except (KeyError, ValueError) as exc:
+        raise ArtifactError(f"{path}: {kind} config {name} is unreadable: {exc}") from None
+    for fqn, entry in config.items():
+        if entry.get("use_pickle", True):
+            raise ArtifactError(f"{path}: {kind} {fqn!r} is stored as a pickle; prunec refuses to unpickle "
+                                "artifact contents")
+        if not str(entry.get("path_name", "")).startswith(("weight_", "tensor_")):
+            raise ArtifactError(f"{path}: {kind} {fqn!r} is not a raw tensor ({entry.get('path_name')!r})")
+
+
+def inspect_archive(path: str | Path) -> None:
+    """Raise ArtifactError unless the archive can be loaded without unpickling anything."""
+    path = Path(path)
+    with _open(path) as archive:
+        for info in archive.infolist():
+            if not _ALLOWED.match(info.filename):
+                raise ArtifactError(f"{path}: unexpected entry {info.filename!r}; refusing to load")
+            if info.filename.endswith("data/sample_inputs/model.pt") and info.file_size:
+                raise ArtifactError(f"{path}: carries pickled sample inputs; refusing to load")
+            if info.filename.endswith("model_weights_config.json"):
+                _payload_config(archive, info.filename, "weight", path)
+            if info.filename.endswith("model_constants_config.json"):
+                _payload_config(archive, info.filename, "constant", path)
+
+
+def program_digest(path: str | Path) -> str:
+    """sha256 over the archive's entries (names without the top folder, and contents), in name
+    order, leaving out the per-save random serialization id: equal programs give equal digests."""
+    digest = hashlib.sha256()
+    with _open(Path(path)) as archive:
+        for name in sorted(archive.namelist()):
+            inner = name.split("/", 1)[1]
+            if inner == _VOLATILE:
+                continue
+            digest.update(inner.encode() + b"\0")
+            digest.update(hashlib.sha256(archive.read(name)).digest())
+    return digest.hexdigest()
+
+
+def weights_digest(program: torch.export.ExportedProgram) -> str:
+    """sha256 over the program's parameters, buffers and constants (name, dtype, shape, bytes)."""
+    digest = hashlib.sha256()
+    tensors = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
+    for name, tensor in sorted(tensors.items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_manifest(artifact: Path) -> dict:
+    path = artifact / "manifest.json"
+    if not path.is_file():
+        raise ArtifactError(f"{artifact} is not a prunec artifact (no manifest.json)")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+
+
+def load_program(path: str | Path) -> torch.export.ExportedProgram:
+    """Load an artifact directory (digest checked against its manifest) or a bare model.pt2."""
+    from . import ops  # noqa: F401  (the prunec ops must be registered before deserializing)
+
+    path = Path(path)
+    archive = path / "model.pt2" if path.is_dir() else path
+    inspect_archive(archive)
+    if path.is_dir():
+        expected = read_manifest(path).get("files", {}).get("model.pt2")
+        if expected != program_digest(archive):
+            raise ArtifactError(f"{archive} does not match the digest in {path / 'manifest.json'} (tampered, "
+                                "corrupted, or built by another prunec)")
+    try:
+        return torch.export.load(archive)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(f"{archive} could not be deserialized: {first}") from None

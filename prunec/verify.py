@@ -1,0 +1,71 @@
+"""`prunec verify`: is this artifact what its manifest and lock say it is?"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifact import ArtifactError, inspect_archive, load_program, program_digest, read_manifest, weights_digest
+from .emit import MANIFEST_VERSION, versions
+
+
+@dataclass
+class Report:
+    checks: list[tuple[bool, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(passed for passed, _ in self.checks)
+
+    def check(self, passed: bool, what: str) -> None:
+        self.checks.append((passed, what))
+
+    def lines(self) -> list[str]:
+        out = [f"{'ok  ' if passed else 'FAIL'} {what}" for passed, what in self.checks]
+        out += [f"warn {w}" for w in self.warnings]
+        out.append("verified" if self.ok else "artifact does NOT match its manifest")
+        return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def verify_artifact(artifact: str | Path, rebuild: bool = False) -> Report:
+    from . import plan as make_plan
+
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    if manifest.get("prunec_manifest") != MANIFEST_VERSION:
+        raise ArtifactError(f"{artifact}: manifest format {manifest.get('prunec_manifest')!r}, this prunec reads "
+                            f"format {MANIFEST_VERSION}")
+    report = Report()
+    recorded = manifest.get("files", {})
+    for name in ("module.py", "spec.lock.yaml"):
+        path = artifact / name
+        report.check(path.is_file() and _sha256(path) == recorded.get(name), f"{name} sha256")
+    inspect_archive(artifact / "model.pt2")
+    report.check(program_digest(artifact / "model.pt2") == recorded.get("model.pt2"), "model.pt2 content digest")
+    if report.ok:
+        report.check(weights_digest(load_program(artifact)) == manifest.get("weights_sha256"), "weights sha256")
+        lock_plan = make_plan(artifact / "spec.lock.yaml")
+        report.check(lock_plan.spec_hash == manifest.get("spec_sha256"), "spec.lock.yaml resolves to spec_sha256")
+    for package, built in sorted(manifest.get("versions", {}).items()):
+        running = versions().get(package)
+        if running != built:
+            level = "minor" if _major_minor(running or "") == _major_minor(built) else "major/minor"
+            report.warnings.append(f"built with {package} {built}, running {running} ({level} difference)")
+    if rebuild and report.ok:
+        from . import build
+
+        with tempfile.TemporaryDirectory() as scratch:
+            rebuilt = build(artifact / "spec.lock.yaml", Path(scratch))
+            for name in ("manifest.json", "module.py", "spec.lock.yaml"):
+                report.check((rebuilt / name).read_bytes() == (artifact / name).read_bytes(), f"rebuild: {name} bytes")
+    return report
