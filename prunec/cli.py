@@ -1,6 +1,7 @@
 """The `prunec` command line. Spec and build errors print one line per problem and exit 2."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -55,29 +56,63 @@ def explain(spec: Path = typer.Argument(..., help="spec file")) -> None:
 
 @app.command()
 def build(spec: Path = typer.Argument(..., help="spec file"),
-          out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory (default: spec's output.dir or build)")) -> None:
+          out: Optional[Path] = typer.Option(None, "-o", "--out", help="output directory (default: spec's output.dir or build)"),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the artifact path")) -> None:
     """Compile a spec into DIR/<name>/ (model.pt2, module.py, manifest.json, spec.lock.yaml)."""
     from . import plan
     from .compiler import compile_plan
     from .emit import emit
     from .explain import stage_table
     from .models import load_model
+    from .passes import PIPELINE
 
+    steps = ["load model", "capture", *(p.__name__ for p in PIPELINE), "emit"]
     try:
         start = time.perf_counter()
         the_plan = plan(spec)
-        typer.echo(stage_table(the_plan))
-        model = load_model(the_plan.lock["model"], the_plan.spec.base_dir)
-        compiled = compile_plan(the_plan, model)
-        target = out or Path(the_plan.spec.data.get("output", {}).get("dir", "build"))
-        path = emit(compiled, model, target)
+        if not quiet:
+            typer.echo(stage_table(the_plan))
+        with _progress(len(steps), enabled=not quiet and sys.stderr.isatty()) as advance:
+            advance("load model")
+            model = load_model(the_plan.lock["model"], the_plan.spec.base_dir)
+            compiled = compile_plan(the_plan, model, on_step=advance)
+            advance("emit")
+            target = out or Path(the_plan.spec.data.get("output", {}).get("dir", "build"))
+            path = emit(compiled, model, target)
     except PrunecError as exc:
         _fail(exc)
-    steps = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in compiled.timings.items())
+    if quiet:
+        typer.echo(str(path))
+        return
+    timing = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in compiled.timings.items())
     nodes = len(compiled.program.graph_module.graph.nodes)
-    typer.echo(f"passes: {steps}")
+    typer.echo(f"passes: {timing}")
     typer.echo(f"verified: rewritten graph re-exported with dynamic shapes ({nodes} nodes)")
     typer.echo(f"wrote {path}/ in {time.perf_counter() - start:.1f}s")
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool):
+    """A progress bar with step names and ETA on a terminal; silent otherwise (CI logs, --quiet)."""
+    if not enabled:
+        yield lambda name: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description:<20}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True, console=__import__("rich.console").console.Console(stderr=True)) as bar:
+        task = bar.add_task("start", total=total)
+        started = []
+
+        def advance(name: str) -> None:
+            if started:
+                bar.advance(task)
+            started.append(name)
+            bar.update(task, description=name)
+
+        yield advance
+        bar.update(task, completed=total)
 
 
 @app.command()
@@ -154,11 +189,60 @@ def verify(artifact: Path = typer.Argument(..., help="artifact directory"),
 
 
 @app.command()
-def schema() -> None:
-    """Print the spec's JSON Schema (Draft 2020-12)."""
+def viz(target: Path = typer.Argument(..., help="artifact directory, or a spec (built into a temporary directory)"),
+        out: Path = typer.Option(..., "-o", "--out", help="output file"),
+        image: Optional[Path] = typer.Option(None, help="image file (default: a built-in test card)"),
+        fmt: str = typer.Option("png", "--format", help="png or svg"),
+        seed: int = typer.Option(0, help="seed of the example text tokens")) -> None:
+    """Draw a keep-map: the image per stage with kept patches visible and dropped ones dimmed,
+    plus tokens per layer and the FLOPs share."""
+    import tempfile
+
+    from . import build as build_artifact
+    from . import load, plan
+    from .viz import default_picture, keep_map, render_svg, save
+
+    try:
+        if fmt not in ("png", "svg"):
+            raise PrunecError(f"--format must be png or svg, not {fmt!r}")
+        picture = _read_image(image) if image else default_picture()
+        with tempfile.TemporaryDirectory() as scratch:
+            artifact = target if target.is_dir() else build_artifact(target, Path(scratch))
+            the_plan = plan(artifact / "spec.lock.yaml")
+            if the_plan.adapter.span is None:
+                raise PrunecError(f"family {the_plan.adapter.family} has no image patches to draw")
+            drawing, kept = keep_map(the_plan, load(artifact), picture, seed)
+    except PrunecError as exc:
+        _fail(exc)
+    if fmt == "svg":
+        out.write_text(render_svg(the_plan, picture, kept))
+    else:
+        save(drawing, out)
+    counts = ", ".join(f"{s.site} {len(k)}" for s, k in zip(the_plan.stages, kept))
+    typer.echo(f"wrote {out} ({drawing.size[0]}x{drawing.size[1]}); patches kept: {counts}")
+
+
+def _read_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        picture = Image.open(path)
+        picture.load()
+        return picture
+    except (OSError, UnidentifiedImageError) as exc:
+        raise PrunecError(f"cannot read image {path}: {exc}") from None
+
+
+@app.command()
+def schema(out: Optional[Path] = typer.Option(None, "-o", "--out", help="write to this file instead of stdout")) -> None:
+    """Print (or write) the spec's JSON Schema (Draft 2020-12), e.g. for editors."""
     from .schema import spec_schema
 
-    typer.echo(json.dumps(spec_schema(), indent=2))
+    text = json.dumps(spec_schema(), indent=2) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -26,8 +27,10 @@ class Compiled:
 
 
 def example_shape(plan: Plan) -> ExampleShape:
+    """Capture shapes. Batch is at least 2: torch.export specializes a dimension whose example is 1,
+    and the emitted module must accept any batch."""
     inputs = plan.lock["inputs"]
-    return ExampleShape(inputs["batch"], inputs.get("seq_len"), inputs.get("image_size"))
+    return ExampleShape(max(2, inputs["batch"]), inputs.get("seq_len"), inputs.get("image_size"))
 
 
 def min_tokens(plan: Plan) -> int:
@@ -40,8 +43,11 @@ def min_tokens(plan: Plan) -> int:
     return max([2] + [first[d] - last[d] + 2 for d in first])
 
 
-def compile_plan(plan: Plan, model: torch.nn.Module) -> Compiled:
+def compile_plan(plan: Plan, model: torch.nn.Module, on_step: Callable[[str], None] | None = None) -> Compiled:
+    """Capture, then run the pass pipeline; `on_step(name)` is called as each step starts."""
+    step = on_step or (lambda name: None)
     timings: dict[str, float] = {}
+    step("capture")
     start = time.perf_counter()
     captured = capture(model, plan.adapter, example_shape(plan), plan.lock["inputs"]["seed"],
                        min_tokens=min_tokens(plan))
@@ -50,6 +56,7 @@ def compile_plan(plan: Plan, model: torch.nn.Module) -> Compiled:
     gm = captured.graph_module
     done: list[str] = []
     for graph_pass in PIPELINE:
+        step(graph_pass.__name__)
         start = time.perf_counter()
         try:
             gm = graph_pass(gm, ctx)

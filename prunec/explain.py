@@ -1,7 +1,7 @@
 """Human-readable summaries of a plan: the stage table of `prunec explain` and `prunec build`."""
 from __future__ import annotations
 
-from .flops import CONVENTION, estimate, segments
+from .flops import CONVENTION, estimate, layer_tokens, segments
 from .spec import Plan
 
 
@@ -35,9 +35,23 @@ def stage_table(plan: Plan) -> str:
         share = s.macs / flops["baseline_macs"] if flops["baseline_macs"] else 0.0
         layers.append([s.domain, f"{s.first_layer}-{s.last_layer}", str(s.tokens), f"{share:6.1%}"])
     text.append(_table(layers))
+    text.append(flow_chart(plan))
     text.append(f"prefill FLOPs: {flops['ratio']:.1%} of unpruned; FLOPs share = the layers a stage's "
                 f"output feeds, as a share of the unpruned total ({CONVENTION})")
     return "\n".join(text)
+
+
+def flow_chart(plan: Plan, width: int = 40) -> str:
+    """Tokens per layer as bars: '#' candidate (image/patch) tokens, '.' the others."""
+    layers = layer_tokens(plan)
+    most = max(total for total, _ in layers)
+    domain = next(iter(plan.adapter.domains()))
+    lines = [f"token flow per {domain} layer ('#' {plan.adapter.span or 'candidate'} tokens, '.' other tokens):"]
+    for i, (total, candidates) in enumerate(layers):
+        bar_total = round(width * total / most)
+        bar_cand = round(width * candidates / most)
+        lines.append(f"  {i:>3} {'#' * bar_cand}{'.' * (bar_total - bar_cand)} {total}")
+    return "\n".join(lines)
 
 
 def _governing_stage(plan: Plan, segment):

@@ -68,3 +68,26 @@ def estimate(plan: Plan) -> dict:
             for s in segments(plan)
         ],
     }
+
+
+def layer_tokens(plan: Plan) -> list[tuple[int, int]]:
+    """(tokens, candidate tokens) each layer of the pruned domain sees, in layer order."""
+    out = []
+    for seg in segments(plan):
+        candidates = _candidates_at(plan, seg)
+        out.extend([(seg.tokens, candidates)] * (seg.last_layer - seg.first_layer + 1))
+    return out
+
+
+def _candidates_at(plan: Plan, seg) -> int:
+    count = None
+    for stage in plan.stages:
+        if stage.domain == seg.domain:
+            count = stage.n_candidates if count is None else count
+            if stage.layer is None or stage.layer < seg.first_layer:
+                count = stage.n_keep
+    if count is None and plan.adapter.span is None:
+        return 0
+    if count is None:
+        return plan.adapter.initial_candidates_from_config(plan.lock["inputs"], plan.adapter.protectable)
+    return count

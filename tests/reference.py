@@ -59,15 +59,23 @@ class LlavaReference:
         image_id = self.model.config.image_token_id
         state = {"cands": [torch.nonzero(r == image_id).flatten().tolist() for r in input_ids],
                  "cur": None, "pending": None, "attn": None}
+        state["patches"] = [list(range(len(c))) for c in state["cands"]]  # patch id of each candidate
+        self.kept = []  # per stage: the set of patch ids row 0 still holds
+
+        def keep_patches(locals_per_row):
+            state["patches"] = [[p[i] for i in local] for p, local in zip(state["patches"], locals_per_row)]
+            self.kept.append(set(state["patches"][0]))
         handles = []
 
         def pre_llm(module, args, kwargs):
             stage = next(s for s in self.stages if s["kind"] == "divprune")
             embeds, mask = kwargs["inputs_embeds"], kwargs["attention_mask"]
-            keep = []
+            keep, locals_per_row = [], []
             for b, cands in enumerate(state["cands"]):
                 local = slow_divprune(embeds[b, cands], stage["n_keep"])
+                locals_per_row.append(local)
                 keep.append(keep_list(cands, [cands[i] for i in local], embeds.shape[1]))
+            keep_patches(locals_per_row)
             state["cands"] = [[k.index(c) for c in cands if c in k] for k, cands in zip(keep, state["cands"])]
             kwargs["inputs_embeds"] = _gather_rows(embeds, keep, 1)
             kwargs["attention_mask"] = _gather_rows(mask, keep, 1)
@@ -78,14 +86,16 @@ class LlavaReference:
 
         def cut(stage):
             probs = state["attn"].float().mean(dim=1)  # [B, S, S], head mean
-            keep = []
+            keep, locals_per_row = [], []
             for b, cands in enumerate(state["cands"]):
                 if stage["query"] == "last":
                     row = probs[b, -1]
                 else:
                     row = probs[b].mean(dim=0)
                 local = slow_topk([float(row[c]) for c in cands], stage["n_keep"])
+                locals_per_row.append(local)
                 keep.append(keep_list(cands, [cands[i] for i in local], probs.shape[-1]))
+            keep_patches(locals_per_row)
             state["cands"] = [[k.index(c) for c in cands if c in k] for k, cands in zip(keep, state["cands"])]
             prev = state["cur"] or [list(range(probs.shape[-1])) for _ in keep]
             state["cur"] = [[p[i] for i in k] for p, k in zip(prev, keep)]

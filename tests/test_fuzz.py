@@ -28,7 +28,7 @@ SECONDS_PER_EXAMPLE = 20
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 1000, database=None,
                 suppress_health_check=list(HealthCheck))
 OUTCOMES: Counter = Counter()
-_LOCATED = re.compile(r"^\S+:\d+:\d+: error at /\S*: .+", re.M)
+_LOCATED = re.compile(r"^\S+:\d+:\d+: error at /[^\n]*?: .+", re.M)
 
 KEYS = ["prunec", "name", "description", "model", "inputs", "pipeline", "extends", "output", "backend",
         "builtin", "path", "config", "seed", "dtype", "attn_implementation", "batch", "seq_len", "image_size",

@@ -87,6 +87,11 @@ class Adapter:
         """Candidates per row at the spec's example shapes, before any stage prunes."""
         raise NotImplementedError
 
+    def patch_positions(self, inputs: tuple, row: int) -> tuple[list[int], int]:
+        """(sequence positions of the image patches in raster order, sequence length) for one row
+        of example inputs: how keep indices map back onto the image."""
+        raise NotImplementedError(f"family {self.family} has no image patches")
+
     def check_candidates(self, gm: fx.GraphModule, expected: int) -> None:
         """Raise ValueError if the captured graph disagrees with the config-derived count."""
 

@@ -106,6 +106,10 @@ class LlavaAdapter(Adapter):
     def initial_candidates_from_config(self, inputs, protect):
         return self.image_tokens_per_image()
 
+    def patch_positions(self, inputs, row):
+        ids = inputs[0][row]
+        return (ids == self.config.image_token_id).nonzero().flatten().tolist(), ids.shape[0]
+
     def check_candidates(self, gm, expected):
         projected = [n for n in gm.graph.nodes if module_path(n).startswith(_PROJECTOR)
                      and hasattr(n.meta.get("val"), "shape")]

@@ -55,6 +55,11 @@ class _VisionAdapter(Adapter):
         """[CLS] plus any register tokens, which sit before the patches."""
         return 1 + int(getattr(self.config, "num_register_tokens", 0) or 0)
 
+    def patch_positions(self, inputs, row):
+        side = inputs[0].shape[-1] // self.config.patch_size
+        lead = self.leading_tokens()
+        return list(range(lead, lead + side * side)), lead + side * side
+
     def example_inputs(self, shape: ExampleShape, seed: int):
         gen = torch.Generator().manual_seed(seed)
         size = shape.image_size or self.default_image_size()
