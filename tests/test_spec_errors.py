@@ -110,6 +110,9 @@ CASES = [
     ("image-size-not-patch-multiple", {"s.yaml": variant(replace={7: "  seq_len: 30\n  image_size: 30"})}, 8,
      "multiple of the patch size 7"),
     ("spec-is-a-list", {"s.yaml": "- prunec: 1\n"}, 1, "must be a YAML mapping"),
+    ("too-large", {"s.yaml": "a: " + "x" * (1 << 20) + "\n"}, 1, "larger than 1048576 bytes"),
+    ("two-documents", {"s.yaml": "a: 1\n---\nb: 2\n"}, 1, "holds 2 documents"),
+    ("control-character", {"s.yaml": variant(replace={2: "name: b\x08ad"})}, 2, "is not allowed"),
     ("negative-seed", {"s.yaml": variant(replace={4: "  builtin: tiny-llava\n  seed: -1"})}, 5, "expected a number >= 0"),
 ]
 
