@@ -23,7 +23,7 @@ def load_spec(path):
 def plan(path):
     """Load a spec and check it against its model: a Plan with budgets resolved to counts."""
     from .spec import load_spec as _load
-    from .spec import resolve
+    from .semantics import resolve
 
     return resolve(_load(path))
 

@@ -26,7 +26,7 @@ from .artifact import program_digest, weights_digest
 from .compiler import Compiled
 from .flops import estimate
 from .models import model_identity
-from .spec import dump_lock
+from .semantics import dump_lock
 
 MANIFEST_VERSION = 1
 

@@ -1,0 +1,208 @@
+"""Layer 3 of spec validation: semantics against the model. Resolves a schema-valid Spec into a
+Plan: the adapter, and stages with site lists expanded and budgets turned into counts."""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import SpecError
+from .spec import Plan, Spec, Stage, _pointer, _schema_error
+from .yaml_loader import PositionedDoc
+
+DEFAULT_INPUTS = {"batch": 2, "seed": 0}
+DEFAULT_MODEL = {"seed": 0, "dtype": "float32", "attn_implementation": "sdpa"}
+_DOMAIN_ORDER = {"vision": 0, "llm": 1, "encoder": 1}  # a VLM runs its vision tower first
+_LAYER_SITE = re.compile(r"^(llm|vision|encoder)\.layers\[([\d,\s]+)\]$")
+
+
+
+def parse_site(site: str) -> list[tuple[str, int | None]]:
+    """'llm.layers[2, 8]' -> [('llm', 2), ('llm', 8)]; 'projector.output' -> [('projector.output', None)]."""
+    match = _LAYER_SITE.match(site.strip())
+    if not match:
+        return [(site.strip(), None)]
+    return [(match.group(1), int(i)) for i in match.group(2).split(",")]
+
+
+def _budget_values(keep: dict, n_sites: int, pointer: str, spec: Spec) -> list[tuple[str, Any]]:
+    (kind, value), = keep.items()
+    if isinstance(value, list):
+        if len(value) != n_sites:
+            raise SpecError(f"expected {n_sites} budgets (one per layer in the site list), got {len(value)}",
+                            spec.locate(f"{pointer}/keep/{kind}"))
+        return [(kind, v) for v in value]
+    return [(kind, value)] * n_sites
+
+
+def resolve_count(kind: str, value: Any, original: int) -> int:
+    """Candidates kept: a count as written, or round-half-up of ratio x original candidates."""
+    return int(value) if kind == "count" else int(math.floor(value * original + 0.5))
+
+
+def resolve(spec: Spec) -> Plan:
+    """Check the spec against its model and resolve budgets into counts."""
+    model_src, config, adapter = _check_model(spec)
+    inputs = _check_inputs(spec, adapter, config)
+    if spec.data.get("backend") == "triton":
+        raise SpecError("backend 'triton' is not available yet: no Triton kernels are registered; "
+                        "use auto or torch", spec.locate("/backend"))
+    stages = _resolve_stages(spec, adapter, model_src, inputs)
+    return Plan(spec, adapter, stages, _lock(spec.data, model_src, inputs, list(stages), spec))
+
+
+def _check_model(spec: Spec):
+    from . import models
+    from .adapters import adapter_for
+
+    model_src = {**DEFAULT_MODEL, **spec.data["model"]}
+    for key in ("path", "config"):
+        if key in model_src and not (spec.base_dir / model_src[key]).exists():
+            raise SpecError(f"model {key} {model_src[key]!r} does not exist (relative to the spec)",
+                            spec.locate(f"/model/{key}"))
+    try:
+        config = models.model_config(model_src, spec.base_dir)
+        adapter = adapter_for(config)
+    except (KeyError, OSError, ValueError) as exc:
+        raise SpecError(f"cannot use this model: {exc}", spec.locate("/model")) from None
+    if "family" in model_src and model_src["family"] != adapter.family:
+        raise SpecError(f"model is family {adapter.family!r} (model_type {config.model_type!r}), "
+                        f"not {model_src['family']!r}", spec.locate("/model/family"))
+    return model_src, config, adapter
+
+
+def _check_inputs(spec: Spec, adapter, config) -> dict[str, Any]:
+    inputs = {**DEFAULT_INPUTS, **spec.data.get("inputs", {})}
+    if adapter.needs_seq_len and "seq_len" not in inputs:
+        raise SpecError(f"family {adapter.family} needs `inputs.seq_len` (example sequence length)",
+                        spec.doc.locate_key("/inputs"))
+    if adapter.needs_image:
+        inputs.setdefault("image_size", adapter.default_image_size())
+        patch = getattr(getattr(config, "vision_config", config), "patch_size", 1)
+        if inputs["image_size"] % patch:
+            raise SpecError(f"expected a multiple of the patch size {patch}", spec.locate("/inputs/image_size"))
+    return inputs
+
+
+def _check_entry(spec: Spec, adapter, raw: dict, ptr: str):
+    """A pipeline entry's method, action, parameters (defaults filled) and protected spans."""
+    from .methods import get_method
+
+    if adapter.span is None:
+        raise SpecError(f"family {adapter.family!r} has no prunable token span yet (text-token "
+                        "pruning is not implemented); use an empty pipeline", spec.locate(ptr))
+    info = get_method(raw["method"])
+    action = raw.get("action", "prune")
+    if action != info.action:
+        raise SpecError(f"method {info.name!r} is a {info.action} method, not {action}", spec.locate(f"{ptr}/action"))
+    for err in jsonschema.Draft202012Validator(info.params_schema).iter_errors(raw.get("params", {})):
+        sub = _schema_error(err, PositionedDoc(None, {}, {}, spec.doc.file))
+        raise SpecError(f"params of {info.name}: {sub.message}",
+                        spec.locate(f"{ptr}/params{_pointer(err.absolute_path)}"))
+    protect = tuple(raw.get("protect", adapter.protectable))
+    for item in protect:
+        if item not in adapter.protectable:
+            raise SpecError(f"family {adapter.family} cannot protect {item!r}; expected one of: "
+                            f"{', '.join(adapter.protectable)}", spec.locate(f"{ptr}/protect"))
+    return info, action, {**info.defaults, **raw.get("params", {})}, protect
+
+
+def _locate(spec: Spec, adapter, info, where: str, layer: int | None, site_ptr: str):
+    """(domain, canonical site, rank within the domain) of one expanded site, or a SpecError."""
+    domains = adapter.domains()
+    if layer is None:
+        if where not in adapter.output_sites:
+            raise SpecError(_site_help(adapter, domains, f"site {where!r}"), spec.locate(site_ptr))
+        domain = adapter.output_sites[where]
+        if info.layer_sites_only:
+            raise SpecError(f"method {info.name} reads a layer's attention, so it needs a "
+                            f"`{domain}.layers[i]` site, not {where}", spec.locate(site_ptr))
+        rank = -1 if where == "projector.output" else domains[domain].num_layers + 1
+        return domain, where, rank
+    if where not in domains:
+        raise SpecError(_site_help(adapter, domains, f"site domain {where!r}"), spec.locate(site_ptr))
+    n_layers = domains[where].num_layers
+    if layer >= n_layers:
+        raise SpecError(f"layer {layer} is out of range: {where} has {n_layers} layers "
+                        f"(0..{n_layers - 1}; sites are 0-indexed)", spec.locate(site_ptr))
+    return where, f"{where}.layers[{layer}]", layer
+
+
+def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple[Stage, ...]:
+    stages: list[Stage] = []
+    kept: dict[str, tuple[int, tuple[str, ...]]] = {}  # domain -> (candidates after latest stage, protect)
+    previous: tuple[tuple[int, int], str] | None = None
+    for i, raw in enumerate(spec.data["pipeline"]):
+        ptr, site_ptr = f"/pipeline/{i}", f"/pipeline/{i}/site"
+        info, action, params, protect = _check_entry(spec, adapter, raw, ptr)
+        sites = parse_site(raw["site"])
+        for (where, layer), (kind, value) in zip(sites, _budget_values(raw["keep"], len(sites), ptr, spec)):
+            domain, site, rank = _locate(spec, adapter, info, where, layer, site_ptr)
+            if domain not in info.domains:
+                raise SpecError(f"method {info.name} works in {', '.join(info.domains)} sites, not {domain}",
+                                spec.locate(site_ptr))
+            if "attention_qk" in info.signals and model_src["attn_implementation"] != "sdpa":
+                raise SpecError(f"method {info.name} reads q/k from the layer's sdpa call; set "
+                                "model.attn_implementation: sdpa", spec.locate(f"{ptr}/method"))
+            positions = raw.get("positions", info.default_positions)
+            if layer is None and positions == "keep_original" and adapter.domains()[domain].rotary_path:
+                raise SpecError(f"positions: keep_original is not available at {where}: the LLM numbers "
+                                "positions for the sequence it receives; use renumber", spec.locate(f"{ptr}/positions"))
+            if domain in kept and kept[domain][1] != protect:
+                raise SpecError("every stage in one domain must protect the same tokens", spec.locate(f"{ptr}/protect"))
+            original = adapter.initial_candidates_from_config(inputs, protect)
+            available = kept.get(domain, (original, protect))[0]
+            n_keep = resolve_count(kind, value, original)
+            if n_keep > available:
+                raise SpecError(f"budget keeps {n_keep} tokens but only {available} candidates reach {site}",
+                                spec.locate(f"{ptr}/keep/{kind}"))
+            if n_keep < 1:
+                raise SpecError(f"budget keeps 0 of {original} candidates; expected at least 1",
+                                spec.locate(f"{ptr}/keep/{kind}"))
+            key = (_DOMAIN_ORDER.get(domain, 1), rank)
+            if previous and key <= previous[0]:
+                raise SpecError(f"site {site} does not come after {previous[1]}; stages must follow the "
+                                "model's order and name each site once", spec.locate(site_ptr))
+            previous = (key, site)
+            kept[domain] = (n_keep, protect)
+            stages.append(Stage(ptr, site, domain, layer, info.name, action, tuple(sorted(params.items())),
+                                positions, protect, (kind, value), available, n_keep))
+    return tuple(stages)
+
+
+def _site_help(adapter, domains, what: str) -> str:
+    sites = [f"{d}.layers[0..{info.num_layers - 1}]" for d, info in domains.items()] + list(adapter.output_sites)
+    return f"{what} does not exist for family {adapter.family}; available sites: {', '.join(sites)}"
+
+
+def _lock(data: dict, model_src: dict, inputs: dict, stages: list[Stage], spec: Spec) -> dict:
+    """The fully resolved spec: extends applied, defaults explicit, site lists expanded. A lock is
+    itself a valid spec and rebuilds the same artifact."""
+    model = dict(model_src)
+    for key in ("path", "config"):
+        if key in model:
+            model[key] = str((spec.base_dir / model[key]).resolve())
+    lock = {
+        "prunec": 1,
+        "name": data["name"],
+        "description": data.get("description", ""),
+        "model": model,
+        "inputs": inputs,
+        "pipeline": [
+            {"site": s.site, "action": s.action, "method": s.method, "params": s.param_dict,
+             "keep": {s.keep_spec[0]: s.keep_spec[1]}, "positions": s.positions, "protect": list(s.protect)}
+            for s in stages
+        ],
+        "backend": data.get("backend", "auto"),
+    }
+    if "output" in data:
+        lock["output"] = data["output"]
+    return lock
+
+
+def dump_lock(lock: dict) -> str:
+    header = "# prunec spec.lock.yaml: the resolved spec this artifact was built from (a valid spec)\n"
+    return header + yaml.safe_dump(lock, sort_keys=False, default_flow_style=False, allow_unicode=True)
