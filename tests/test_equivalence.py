@@ -234,3 +234,12 @@ def test_models_from_a_local_directory_or_config_file(tmp_path, source):
     with torch.no_grad():
         expected = seeded(input_ids=ids, attention_mask=mask, use_cache=False).logits
         torch.testing.assert_close(module(ids, mask), expected, atol=ATOL, rtol=0)
+
+
+def test_emitted_module_runs_under_torch_compile(build):
+    """The prunec ops carry fake kernels, so dynamo traces the whole pruned program."""
+    plan, module, _ = build(LLAVA_SPECS["divprune+fastv x2"])
+    ids, mask, pixels = llava_inputs(plan.adapter.config, [0, 2, 5], seq_len=30, seed=11)
+    compiled = torch.compile(module, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, mask, pixels), module(ids, mask, pixels), atol=ATOL, rtol=0)
