@@ -16,6 +16,7 @@ from prunec.context import ROLE, CompileContext, StageRecord
 from prunec.errors import BuildError
 
 _OPS = torch.ops.prunec
+POSITIONS_TABLE = "prunec_positions_table"  # meta: the model's full-length table a positional value came from
 
 
 def _is_token_size(size, token_size) -> bool:
@@ -65,12 +66,19 @@ def _propagate_stage(gm: fx.GraphModule, record: StageRecord, rotary_path: str |
         if not isinstance(value, torch.Tensor):
             continue
         dims = [d for d in range(1, value.ndim) if _is_token_size(value.shape[d], record.token_size)]
+        odd = [d for d in range(value.ndim) if d not in dims and _mentions_tokens(value.shape[d], record.token_size)]
+        if odd:
+            raise BuildError(f"site {stage.site}: {node.name} has shape {tuple(value.shape)}, whose dims {odd} "
+                             "depend on the sequence length in a way prunec cannot rewrite")
         if not dims:
             continue
+        positional = _is_positional(node, rotary_path)
         with graph.inserting_after(last):
-            if stage.positions == "renumber" and _is_positional(node, rotary_path):
-                new = node
-                for dim in dims:  # positions 0..K-1: the first K rows of a table built for 0..S-1
+            if stage.positions == "renumber" and positional:
+                # positions 0..K-1: the first K rows of the table the model built for 0..S-1 (not of
+                # a table an earlier keep_original stage already gathered)
+                new = node.meta.get(POSITIONS_TABLE, node)
+                for dim in dims:
                     with graph.inserting_after(last):
                         new = graph.call_function(torch.ops.aten.slice.Tensor, (new, dim, 0, record.kept_len))
                     last = new
@@ -79,6 +87,8 @@ def _propagate_stage(gm: fx.GraphModule, record: StageRecord, rotary_path: str |
                 new = graph.call_function(_OPS.gather_tokens.default, (node, record.index, dims))
                 how = f"gathered on dims {dims}"
         new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
+        if positional:
+            new.meta[POSITIONS_TABLE] = node.meta.get(POSITIONS_TABLE, node)
         new.meta[ROLE] = "gather"
         last = new
         node.replace_all_uses_with(new, delete_user_cb=in_tail)

@@ -10,6 +10,7 @@ it, the archive's content digest must also match before anything is deserialized
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import zipfile
@@ -32,16 +33,30 @@ class ArtifactError(PrunecError):
     """An artifact is missing, corrupted, tampered with or of an unknown format."""
 
 
-def _open(path: Path) -> zipfile.ZipFile:
+def read_archive(path: Path) -> bytes:
+    """The archive's bytes, read once: the checks and torch's loader then see the same data."""
     try:
-        archive = zipfile.ZipFile(path)
-        bad = archive.testzip()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"{path} does not exist") from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from None
+
+
+def _open(data: bytes, path: Path) -> zipfile.ZipFile:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise ArtifactError(f"{path} is not a readable .pt2 archive (truncated or not a zip): {exc}") from None
     if bad is not None:
         raise ArtifactError(f"{path}: entry {bad} fails its CRC check (corrupted)")
+    names = archive.namelist()
+    if len(names) != len(set(names)):
+        # zipfile reads the last of two same-named entries, torch's reader the first: never both
+        raise ArtifactError(f"{path}: duplicate entry names; refusing to load")
+    if len({name.split("/", 1)[0] for name in names}) != 1:
+        raise ArtifactError(f"{path}: entries under more than one top folder; refusing to load")
     return archive
 
 
@@ -58,10 +73,11 @@ def _payload_config(archive: zipfile.ZipFile, name: str, kind: str, path: Path) 
             raise ArtifactError(f"{path}: {kind} {fqn!r} is not a raw tensor ({entry.get('path_name')!r})")
 
 
-def inspect_archive(path: str | Path) -> None:
+def inspect_archive(path: str | Path, data: bytes | None = None) -> None:
     """Raise ArtifactError unless the archive can be loaded without unpickling anything."""
     path = Path(path)
-    with _open(path) as archive:
+    data = read_archive(path) if data is None else data
+    with _open(data, path) as archive:
         for info in archive.infolist():
             if not _ALLOWED.match(info.filename):
                 raise ArtifactError(f"{path}: unexpected entry {info.filename!r}; refusing to load")
@@ -73,11 +89,12 @@ def inspect_archive(path: str | Path) -> None:
                 _payload_config(archive, info.filename, "constant", path)
 
 
-def program_digest(path: str | Path) -> str:
+def program_digest(path: str | Path, data: bytes | None = None) -> str:
     """sha256 over the archive's entries (names without the top folder, and contents), in name
     order, leaving out the per-save random serialization id: equal programs give equal digests."""
     digest = hashlib.sha256()
-    with _open(Path(path)) as archive:
+    data = read_archive(Path(path)) if data is None else data
+    with _open(data, Path(path)) as archive:
         for name in sorted(archive.namelist()):
             inner = name.split("/", 1)[1]
             if inner == _VOLATILE:
@@ -113,14 +130,15 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
 
     path = Path(path)
     archive = path / "model.pt2" if path.is_dir() else path
-    inspect_archive(archive)
+    data = read_archive(archive)
+    inspect_archive(archive, data)
     if path.is_dir():
         expected = read_manifest(path).get("files", {}).get("model.pt2")
-        if expected != program_digest(archive):
+        if expected != program_digest(archive, data):
             raise ArtifactError(f"{archive} does not match the digest in {path / 'manifest.json'} (tampered, "
                                 "corrupted, or built by another prunec)")
     try:
-        return torch.export.load(archive)
+        return torch.export.load(io.BytesIO(data))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArtifactError(f"{archive} could not be deserialized: {first}") from None

@@ -7,6 +7,7 @@ renamed into place only when complete, so a failed or killed build never leaves 
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -24,6 +25,7 @@ import torch
 from . import __version__
 from .artifact import program_digest, weights_digest
 from .compiler import Compiled
+from .errors import BuildError
 from .flops import estimate
 from .models import model_identity
 from .semantics import dump_lock
@@ -104,7 +106,7 @@ def emit(compiled: Compiled, model: torch.nn.Module, out_dir: str | Path) -> Pat
     name = compiled.plan.spec.name
     final = out_dir / name
     _remove_abandoned_staging(out_dir, name)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=out_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}~staging-{os.getpid()}-", dir=out_dir))
     staging.chmod(0o755)
     try:
         program = compiled.program
@@ -139,22 +141,57 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_abandoned_staging(out_dir: Path, name: str) -> None:
-    """Delete staging directories left by killed builds (never those of a build still running)."""
-    for stale in out_dir.glob(f".{name}.tmp-*"):
-        match = re.match(rf"^\.{re.escape(name)}\.tmp-(?:old-)?(\d+)-", stale.name)
-        if match is None or not _pid_alive(int(match.group(1))):
+    """Delete staging directories left by killed builds of this name, never those of a build still
+    running. '~' cannot occur in a name, so another name's directories never match."""
+    pattern = re.compile(rf"^\.{re.escape(name)}~(?:staging|retired)-(\d+)-[^/]*$")
+    for stale in out_dir.glob(f".{name}~*"):
+        match = pattern.match(stale.name)
+        if match and not _pid_alive(int(match.group(1))):
             shutil.rmtree(stale, ignore_errors=True)
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
 def _swap_into_place(staging: Path, final: Path) -> None:
-    """Rename the finished staging directory to `final`, under a lock so racing builds of the
-    same name replace each other whole. A symlink at `final` is replaced, never followed."""
-    with open(final.parent / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    """Put the finished staging directory at `final` under a lock, so racing builds of one name
+    replace each other whole. An existing artifact is exchanged in one step where the OS allows it
+    (no moment without an artifact); a symlink at `final` is replaced, never followed."""
+    lock_path = final.parent / f".{final.name}.lock"
+    try:
+        lock_fd = os.open(lock_path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise BuildError(f"cannot open the build lock {lock_path} (a symlink is refused): {exc.strerror}") from None
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         if not os.path.lexists(final):
             os.replace(staging, final)
             return
-        retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-old-{os.getpid()}-", dir=final.parent))
+        if _exchange(staging, final):  # staging now holds the old artifact
+            _remove(staging)
+            return
+        retired = Path(tempfile.mkdtemp(prefix=f".{final.name}~retired-{os.getpid()}-", dir=final.parent))
         os.replace(final, retired / final.name)
         os.replace(staging, final)
         shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        os.close(lock_fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)

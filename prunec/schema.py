@@ -9,6 +9,7 @@ from .models import BUILTIN_CONFIGS
 
 SPEC_VERSION = 1
 SITE_PATTERN = r"^(?:(?:llm|vision|encoder)\.layers\[\s*\d+(?:\s*,\s*\d+)*\s*\]|projector\.output|vision\.output)$"
+MAX_SEED = 2**32 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
@@ -42,7 +43,7 @@ def spec_schema() -> dict[str, Any]:
                     "path": {"type": "string", "description": "local from_pretrained directory"},
                     "config": {"type": "string", "description": "config.json; weights are seeded random"},
                     "family": {"enum": families()},
-                    "seed": {"type": "integer", "minimum": 0},
+                    "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
                     "dtype": {"enum": ["float32", "float16", "bfloat16"]},
                     "attn_implementation": {"enum": ["sdpa", "eager"]},
                 },
@@ -54,9 +55,9 @@ def spec_schema() -> dict[str, Any]:
                 "description": "example shapes for capture; budgets resolve against them",
                 "properties": {
                     "batch": {"type": "integer", "minimum": 1, "maximum": 4096},
-                    "seq_len": {"type": "integer", "minimum": 2},
-                    "image_size": {"type": "integer", "minimum": 1},
-                    "seed": {"type": "integer", "minimum": 0},
+                    "seq_len": {"type": "integer", "minimum": 2, "maximum": 1 << 20},
+                    "image_size": {"type": "integer", "minimum": 1, "maximum": 1 << 14},
+                    "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
                 },
             },
             "pipeline": {

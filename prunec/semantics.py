@@ -79,11 +79,17 @@ def _check_inputs(spec: Spec, adapter, config) -> dict[str, Any]:
     if adapter.needs_seq_len and "seq_len" not in inputs:
         raise SpecError(f"family {adapter.family} needs `inputs.seq_len` (example sequence length)",
                         spec.doc.locate_key("/inputs"))
+    if adapter.needs_seq_len:
+        low, high = adapter.seq_len_range()
+        if not low <= inputs["seq_len"] <= high:
+            raise SpecError(f"expected a sequence length in {low}..{high} for this model, got {inputs['seq_len']}",
+                            spec.locate("/inputs/seq_len"))
     if adapter.needs_image:
         inputs.setdefault("image_size", adapter.default_image_size())
         patch = getattr(getattr(config, "vision_config", config), "patch_size", 1)
-        if inputs["image_size"] % patch:
-            raise SpecError(f"expected a multiple of the patch size {patch}", spec.locate("/inputs/image_size"))
+        if inputs["image_size"] % patch or not patch <= inputs["image_size"] <= 128 * patch:
+            raise SpecError(f"expected a multiple of the patch size {patch} in {patch}..{128 * patch}",
+                            spec.locate("/inputs/image_size"))
     return inputs
 
 

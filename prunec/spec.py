@@ -99,7 +99,7 @@ def _read(path: Path, chain: tuple[Path, ...], at: Location | None) -> Positione
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"spec file {str(path)!r} does not exist", at) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise SpecError(f"cannot read spec {str(path)!r}: {exc}", at) from None
     doc = load_yaml(text, str(path))
     if not isinstance(doc.data, dict):
@@ -163,6 +163,8 @@ def _load_merged(path: Path, chain: tuple[Path, ...] = (), at: Location | None =
     extends = data["extends"]
     if not isinstance(extends, str):
         raise SpecError("`extends` must be a path string", doc.locate("/extends"))
+    if "\0" in extends:
+        raise SpecError("`extends` must be a path without NUL characters", doc.locate("/extends"))
     base_data, base_locs, _ = _load_merged((path.parent / extends).resolve(), (*chain, path),
                                            doc.locate("/extends"))
     out_locs = dict(base_locs)
@@ -183,8 +185,16 @@ def _load_merged(path: Path, chain: tuple[Path, ...] = (), at: Location | None =
 # Layer 2
 
 
+# JSON Schema counts 2.0 as an integer; a spec that says `seq_len: 2.0` means a float, so refuse it.
+_STRICT_INTEGERS = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, value: isinstance(value, int) and not isinstance(value, bool)),
+)
+
+
 def _schema_errors(data: dict, doc: PositionedDoc, schema: dict) -> list[SpecError]:
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _STRICT_INTEGERS(schema)
     errors = []
     for err in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
         errors.append(_schema_error(err, doc))

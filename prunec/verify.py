@@ -6,7 +6,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import ArtifactError, inspect_archive, load_program, program_digest, read_manifest, weights_digest
+from .artifact import (ArtifactError, inspect_archive, load_program, program_digest, read_archive, read_manifest,
+                       weights_digest)
 from .emit import MANIFEST_VERSION, versions
 
 
@@ -50,8 +51,9 @@ def verify_artifact(artifact: str | Path, rebuild: bool = False) -> Report:
     for name in ("module.py", "spec.lock.yaml"):
         path = artifact / name
         report.check(path.is_file() and _sha256(path) == recorded.get(name), f"{name} sha256")
-    inspect_archive(artifact / "model.pt2")
-    report.check(program_digest(artifact / "model.pt2") == recorded.get("model.pt2"), "model.pt2 content digest")
+    program = read_archive(artifact / "model.pt2")
+    inspect_archive(artifact / "model.pt2", program)
+    report.check(program_digest(artifact / "model.pt2", program) == recorded.get("model.pt2"), "model.pt2 content digest")
     if report.ok:
         report.check(weights_digest(load_program(artifact)) == manifest.get("weights_sha256"), "weights sha256")
         lock_plan = make_plan(artifact / "spec.lock.yaml")

@@ -58,7 +58,7 @@ class LlavaReference:
         lm = self.model.model.language_model
         image_id = self.model.config.image_token_id
         state = {"cands": [torch.nonzero(r == image_id).flatten().tolist() for r in input_ids],
-                 "cur": None, "pending": None, "attn": None}
+                 "cur": None, "pending": None, "attn": None, "pos": None}
         state["patches"] = [list(range(len(c))) for c in state["cands"]]  # patch id of each candidate
         self.kept = []  # per stage: the set of patch ids row 0 still holds
 
@@ -100,7 +100,12 @@ class LlavaReference:
             prev = state["cur"] or [list(range(probs.shape[-1])) for _ in keep]
             state["cur"] = [[p[i] for i in k] for p, k in zip(prev, keep)]
             state["pending"] = (keep, probs.shape[-1])
-            state["renumber"] = stage["positions"] == "renumber" or state.get("renumber", False)
+            # each row's rotary position per token: kept as they were, or renumbered 0..K-1
+            positions = state["pos"] or [list(range(probs.shape[-1])) for _ in keep]
+            if stage["positions"] == "renumber":
+                state["pos"] = [list(range(len(k))) for k in keep]
+            else:
+                state["pos"] = [[p[i] for i in k] for p, k in zip(positions, keep)]
 
         def before_layer(index):
             def hook(module, args, kwargs):
@@ -119,12 +124,9 @@ class LlavaReference:
                     cur = state["cur"]
                     mask = kwargs["attention_mask"]
                     kwargs["attention_mask"] = _gather_rows(_gather_rows(mask, cur, 2), cur, 3)
-                    cos, sin = kwargs["position_embeddings"]
-                    if state["renumber"]:
-                        k = len(cur[0])
-                        kwargs["position_embeddings"] = (cos[:, :k], sin[:, :k])
-                    else:
-                        kwargs["position_embeddings"] = (_gather_rows(cos, cur, 1), _gather_rows(sin, cur, 1))
+                    cos, sin = kwargs["position_embeddings"]  # rows = positions 0..S-1 of the LLM input
+                    pos = state["pos"]
+                    kwargs["position_embeddings"] = (_gather_rows(cos, pos, 1), _gather_rows(sin, pos, 1))
                     kwargs["position_ids"] = None
                 return args, kwargs
             return hook

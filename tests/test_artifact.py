@@ -94,9 +94,9 @@ def test_killed_build_leaves_no_partial_artifact(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "prunec.cli", "build", str(spec), "-o", str(out)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while time.time() < deadline and not any(out.glob(".artifact-test.tmp-*")) and proc.poll() is None:
+    while time.time() < deadline and not any(out.glob(".artifact-test~staging-*")) and proc.poll() is None:
         time.sleep(0.002)  # wait until the artifact is being written, then kill it there
-    staging_seen = any(out.glob(".artifact-test.tmp-*"))
+    staging_seen = any(out.glob(".artifact-test~staging-*"))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert staging_seen and proc.returncode == -signal.SIGKILL, "the build was not caught mid-write"

@@ -139,6 +139,24 @@ LLAVA_SPECS = {
         pipeline:
           - {site: "llm.layers[3]", method: fastv, keep: {count: 5}}
     """,
+    "keep-original-then-renumber": """
+        prunec: 1
+        name: keep-then-renumber
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 30}
+        pipeline:
+          - {site: "llm.layers[0]", method: fastv, keep: {count: 10}, positions: keep_original}
+          - {site: "llm.layers[2]", method: fastv, keep: {count: 4}, positions: renumber}
+    """,
+    "renumber-then-keep-original": """
+        prunec: 1
+        name: renumber-then-keep
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 30}
+        pipeline:
+          - {site: "llm.layers[0]", method: fastv, keep: {count: 10}, positions: renumber}
+          - {site: "llm.layers[2]", method: fastv, keep: {count: 4}, positions: keep_original}
+    """,
     "divprune": """
         prunec: 1
         name: divprune-test

@@ -113,6 +113,13 @@ CASES = [
     ("too-large", {"s.yaml": "a: " + "x" * (1 << 20) + "\n"}, 1, "larger than 1048576 bytes"),
     ("two-documents", {"s.yaml": "a: 1\n---\nb: 2\n"}, 1, "holds 2 documents"),
     ("control-character", {"s.yaml": variant(replace={2: "name: b\x08ad"})}, 2, "is not allowed"),
+    ("float-for-integer", {"s.yaml": variant(replace={7: "  seq_len: 30.0"})}, 7, "expected integer"),
+    ("huge-seed", {"s.yaml": variant(replace={4: "  builtin: tiny-llava\n  seed: 99999999999999999999999"})}, 5,
+     "expected a number <= 4294967295"),
+    ("seq-len-shorter-than-image", {"s.yaml": variant(replace={7: "  seq_len: 10"})}, 7,
+     "expected a sequence length in 18..512"),
+    ("seq-len-beyond-positions", {"s.yaml": variant(replace={7: "  seq_len: 100000"})}, 7, "18..512"),
+    ("nul-in-extends", {"s.yaml": "prunec: 1\nextends: \"a\\0b.yaml\"\nname: x\n"}, 2, "without NUL"),
     ("negative-seed", {"s.yaml": variant(replace={4: "  builtin: tiny-llava\n  seed: -1"})}, 5, "expected a number >= 0"),
 ]
 

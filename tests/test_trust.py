@@ -254,3 +254,37 @@ def test_broken_model_directory_gives_a_one_line_error(tmp_path, config, message
     result = _cli("validate", spec)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert re.search(r"spec\.yaml:3:\d+: error at /model", result.output)
+
+
+def test_duplicate_entry_names_are_refused(artifact, tmp_path):
+    """zipfile reads the last of two same-named entries and torch's reader the first, so a clean
+    config placed after a malicious one would pass a check that torch then ignores."""
+    copy = _copy(artifact, tmp_path)
+    marker = tmp_path / "pwned"
+    program = copy / "model.pt2"
+    with zipfile.ZipFile(program) as src:
+        entries = [(info.filename, src.read(info.filename)) for info in src.infolist()]
+    with zipfile.ZipFile(program, "w") as dst:
+        for name, data in entries:
+            if name.endswith("model_weights_config.json"):
+                evil = json.loads(data)
+                first = next(iter(evil["config"].values()))
+                first.update(use_pickle=True, path_name="weight_999")
+                dst.writestr(name, json.dumps(evil))  # torch would read this one
+                dst.writestr(name.replace("model_weights_config.json", "weight_999"), pickle.dumps(_Touch(marker)))
+            dst.writestr(name, data)  # the clean copy, last: what zipfile alone would check
+    with pytest.raises(ArtifactError, match="duplicate entry names"):
+        prunec.load(program)
+    assert not marker.exists()
+
+
+def test_lock_file_symlink_is_not_followed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (out / ".trust.lock").symlink_to(victim)
+    with pytest.raises(prunec.BuildError, match="build lock"):
+        prunec.build(write_spec(tmp_path, SPEC), out)
+    assert victim.read_text() == "precious"
+    assert not (out / "trust").exists()

@@ -68,6 +68,10 @@ class Adapter:
     def default_image_size(self) -> int | None:
         return None
 
+    def seq_len_range(self) -> tuple[int, int]:
+        """Sequence lengths the model accepts (text families)."""
+        return 2, self.config.max_position_embeddings
+
     def layer_dims(self, domain: str) -> tuple[int, int, int]:
         """(hidden d, FFN width m, FFN matrices: 3 for SwiGLU, 2 for a plain MLP) for FLOPs."""
         return self.config.hidden_size, self.config.intermediate_size, 2

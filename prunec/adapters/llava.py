@@ -65,6 +65,9 @@ class LlavaAdapter(Adapter):
     def input_names(self):
         return ("input_ids", "attention_mask", "pixel_values")
 
+    def seq_len_range(self):
+        return self.image_tokens_per_image() + 2, self.config.text_config.max_position_embeddings
+
     def default_image_size(self):
         return self.config.vision_config.image_size
 

@@ -34,7 +34,7 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | No
     first_row = seq - rows.shape[-2]
     logits = torch.matmul(rows.float(), k.float().transpose(-1, -2)) * scale  # [B, H, R, S]
     if mask is not None:
-        mask_rows = mask[..., first_row:, :]
+        mask_rows = mask if mask.shape[-2] == 1 else mask[..., first_row:, :]  # [.., 1, S] masks broadcast
         if mask_rows.dtype == torch.bool:
             logits = logits.masked_fill(~mask_rows, float("-inf"))
         else:
