@@ -125,3 +125,25 @@ def module_path(node: fx.Node) -> str:
 def module_paths(node: fx.Node) -> list[str]:
     stack = node.meta.get("nn_module_stack") or {}
     return [path for path, _ in stack.values()]
+
+
+class TextAdapter(Adapter):
+    """Shared inputs of text-only families: (input_ids, attention_mask), dynamic batch and sequence."""
+
+    needs_seq_len = True
+
+    def special_token_ids(self) -> set[int]:
+        """Ids never drawn for example text (padding, BOS/EOS)."""
+        return {getattr(self.config, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")} - {None}
+
+    def input_names(self):
+        return ("input_ids", "attention_mask")
+
+    def example_inputs(self, shape: ExampleShape, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        ids = random_token_ids((shape.batch, shape.seq_len), self.config.vocab_size, self.special_token_ids(), gen)
+        return ids, torch.ones_like(ids)
+
+    def dynamic_shapes(self, min_tokens):
+        batch, seq = batch_dim(), Dim("seq", min=max(2, min_tokens), max=self.config.max_position_embeddings)
+        return ({0: batch, 1: seq}, {0: batch, 1: seq})
