@@ -1,105 +1,57 @@
-"""Prefill time of emitted artifacts on a LLaVA-shaped model (CPU), and the prunec ops' share.
+"""Regenerate the prefill table of docs/benchmarks.md: `prunec bench` over the specs in
+benchmarks/specs/ (the LLaVA-shaped workload described in base.yaml).
 
-Model: CLIP-style tower at 336 px / patch 14 (576 image tokens, 2 layers, hidden 256) + an 8-layer,
-1024-hidden Llama (168M params) with seeded random weights; one row of 640 tokens. Artifacts are
-timed side by side, A B A B, best of the rounds. The ops' share is measured by timing each prunec op
-node inside one run of the pruned program.
+    OMP_NUM_THREADS=1 python benchmarks/prefill.py [--rounds N] [--json out.json]
 
-    OMP_NUM_THREADS=1 python benchmarks/prefill.py
+Each spec is built (timed), then the unpruned model, the emitted module and the eager-attention way
+run alternately (A B C A B C ...) after a warm-up; medians are reported.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import platform
-import statistics
-import tempfile
-import time
 from pathlib import Path
 
 import torch
-from torch import fx
 
-import prunec
-from prunec.adapters.base import ExampleShape
+from prunec.bench import bench_spec
 
-ROUNDS = 5
-CONFIG = {
-    "model_type": "llava", "image_token_id": 31999, "vision_feature_layer": -2,
-    "vision_feature_select_strategy": "default",
-    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 256, "intermediate_size": 1024,
-                      "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 336, "patch_size": 14,
-                      "projection_dim": 256},
-    "text_config": {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
-                    "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000,
-                    "max_position_embeddings": 2048, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
-}
-PIPELINES = {
-    "unpruned": "[]",
-    "fastv K=2 keep 25%": "[{site: 'llm.layers[1]', method: fastv, keep: {ratio: 0.25}}]",
-    "divprune keep 25%": "[{site: projector.output, method: divprune, keep: {ratio: 0.25}}]",
-    "divprune keep 11%": "[{site: projector.output, method: divprune, keep: {ratio: 0.11}}]",
-}
-
-
-def build_all(root: Path) -> dict[str, tuple[Path, float]]:
-    (root / "config.json").write_text(json.dumps(CONFIG))
-    out = {}
-    for i, (label, pipeline) in enumerate(PIPELINES.items()):
-        spec = root / f"s{i}.yaml"
-        spec.write_text(f"prunec: 1\nname: b{i}\nmodel: {{config: config.json, seed: 0}}\n"
-                        f"inputs: {{batch: 1, seq_len: 640}}\npipeline: {pipeline}\n")
-        start = time.perf_counter()
-        artifact = prunec.build(spec, root / "out")
-        out[label] = (artifact, time.perf_counter() - start)
-    return out
-
-
-def op_seconds(module: fx.GraphModule, inputs) -> float:
-    spent = [0.0]
-
-    class Timer(fx.Interpreter):
-        def run_node(self, node):
-            if node.op == "call_function" and str(node.target).startswith("prunec."):
-                start = time.perf_counter()
-                result = super().run_node(node)
-                spent[0] += time.perf_counter() - start
-                return result
-            return super().run_node(node)
-
-    with torch.no_grad():
-        Timer(module).run(*inputs)
-    return spent[0]
+SPECS = Path(__file__).parent / "specs"
+RUNS = ["fastv-k2-keep25.yaml", "pyramiddrop.yaml", "divprune-keep25.yaml", "divprune-keep11.yaml"]
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--json", type=Path, help="also write every report here")
+    args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    with tempfile.TemporaryDirectory() as scratch:
-        artifacts = build_all(Path(scratch))
-        plan = prunec.plan(artifacts["unpruned"][0] / "spec.lock.yaml")
-        inputs = plan.adapter.example_inputs(ExampleShape(1, 640, 336), 0)
-        modules = {label: prunec.load(path) for label, (path, _) in artifacts.items()}
-        times = {label: [] for label in modules}
-        with torch.no_grad():
-            for module in modules.values():
-                module(*inputs)  # warm-up
-            for _ in range(ROUNDS):  # A B C D A B C D ...
-                for label, module in modules.items():
-                    start = time.perf_counter()
-                    module(*inputs)
-                    times[label].append(time.perf_counter() - start)
-        shares = {label: op_seconds(module, inputs) for label, module in modules.items() if label != "unpruned"}
-    base = min(times["unpruned"])
-    print(f"# prefill, batch 1 x 640 tokens (576 image), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}, best of {ROUNDS}")
-    print("| artifact | build s | prefill ms (best) | median ms | speedup vs unpruned | prunec ops ms | ops share |")
-    print("|---|---|---|---|---|---|---|")
-    for label, samples in times.items():
-        best = min(samples)
-        ops = shares.get(label)
-        print(f"| {label} | {artifacts[label][1]:.1f} | {best * 1e3:.0f} | {statistics.median(samples) * 1e3:.0f} | "
-              f"{base / best:.2f}x | {'-' if ops is None else f'{ops * 1e3:.1f}'} | "
-              f"{'-' if ops is None else f'{ops / best:.1%}'} |")
+    reports = []
+    for name in RUNS:
+        report = bench_spec(SPECS / name, rounds=args.rounds)
+        reports.append(report)
+        print(f"done: {name}", flush=True)
+    first = reports[0]
+    print(f"\n{first['machine']}, {first['threads']} thread(s), "
+          + ", ".join(f"{k} {v}" for k, v in first["versions"].items() if k in ("torch", "transformers"))
+          + f", {args.rounds} rounds, medians\n")
+    print("| spec | unpruned ms | prunec ms | eager way ms | speedup | ideal (exact FLOPs) | efficiency | "
+          "prunec ops share | rescoring FLOPs share | over eager way | build s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in reports:
+        median = r["median_ms"]
+        print(f"| {r['spec']} | {median['unpruned']:.0f} | {median['prunec']:.0f} | "
+              f"{median.get('eager way', float('nan')):.0f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+              f"{r['efficiency']:.2f} | {r['prunec_ops_share']:.2%} | {r['scoring_flops_share']:.2%} | "
+              f"{r.get('speedup_over_eager_way', float('nan')):.2f}x | {r['build_seconds']:.1f} |")
+    print("\n| spec | peak activations unpruned / prunec / eager way (MiB) | max abs logit diff prunec vs eager way |")
+    print("|---|---|---|")
+    for r in reports:
+        peaks = " / ".join("n/a" if v is None else f"{v / 2**20:.0f}" for v in r["peak_activation_bytes"].values())
+        print(f"| {r['spec']} | {peaks} | {r.get('eager_way_max_abs_diff', float('nan')):.1e} |")
+    if args.json:
+        args.json.write_text(json.dumps(reports, indent=2))
 
 
 if __name__ == "__main__":

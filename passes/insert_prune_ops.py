@@ -29,6 +29,13 @@ class _Appender:
         self.last = node
         return node
 
+    def copy(self, node: fx.Node, env: dict, role: str) -> fx.Node:
+        with self.graph.inserting_after(self.last):
+            new = self.graph.node_copy(node, lambda n: env.get(n, n))
+        new.meta[ROLE] = role
+        self.last = env[node] = new
+        return new
+
 
 def _sdpa_args(node: fx.Node) -> dict:
     names = [a.name for a in node.target._schema.arguments]
@@ -50,6 +57,58 @@ def _scores(add: _Appender, record: StageRecord, candidates: fx.Node) -> fx.Node
                 stage.param_dict["query"]))
 
 
+def _copy_chain(add: _Appender, root: fx.Node, span: list[fx.Node], token_size=None) -> fx.Node:
+    """Copy `root` and its ancestors inside `span` (a layer's nodes) to the insertion point.
+
+    With `token_size`, the copy runs on the last token only: every outside tensor with token axes is
+    sliced to its last entry there and the sequence-length SymInt becomes 1. That is exact for
+    per-token chains (norm, projection, RoPE), which is what a layer computes before attention.
+    """
+    inside = set(span)
+    needed: set[fx.Node] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node in inside and node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    env: dict = {}
+    for node in span:  # graph order
+        if node not in needed:
+            continue
+        if token_size is not None:
+            for arg in node.all_input_nodes:
+                if arg not in inside and arg not in env:
+                    env[arg] = _last_token_view(add, arg, token_size)
+        copied = add.copy(node, env, "score")
+        if token_size is not None:
+            copied.meta.pop("val", None)  # captured shapes no longer apply
+    return env[root]
+
+
+def _last_token_view(add: _Appender, node: fx.Node, token_size):
+    value = node.meta.get("val")
+    if isinstance(value, torch.SymInt) and value.node.expr == token_size.node.expr:
+        return 1
+    if not isinstance(value, torch.Tensor):
+        return node
+    for dim in range(1, value.ndim):
+        size = value.shape[dim]
+        if isinstance(size, torch.SymInt) and size.node.expr == token_size.node.expr:
+            node = add("score", torch.ops.aten.slice.Tensor, (node, dim, -1, 2**63 - 1))
+    return node
+
+
+def _next_layer_scores(add: _Appender, record: StageRecord) -> fx.Node:
+    """The next layer's attention from the last token, recomputed on the site's hidden states."""
+    sdpa = _sdpa_args(record.next_attention)
+    q_last = _copy_chain(add, sdpa["query"], record.next_layer, record.token_size)
+    k = _copy_chain(add, sdpa["key"], record.next_layer)
+    scale = sdpa.get("scale") or sdpa["query"].meta["val"].shape[-1] ** -0.5
+    return add("score", _OPS.attention_received.default,
+               (q_last, k, sdpa.get("attn_mask"), float(scale), bool(sdpa.get("is_causal", False)), "last"))
+
+
 def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Guarantees: every record has index, gathered and kept_len nodes; nothing downstream changed yet."""
     graph = gm.graph
@@ -62,7 +121,8 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             add.last = candidates
         sizes = (stage.n_candidates, stage.n_keep)
         if info.kind == "score":
-            index = add("select", _OPS.select_topk.default, (_scores(add, record, candidates), candidates, *sizes))
+            scores = _next_layer_scores(add, record) if "next_layer_qk" in info.signals else _scores(add, record, candidates)
+            index = add("select", _OPS.select_topk.default, (scores, candidates, *sizes))
         else:
             index = add("select", _OPS.select_divprune.default, (record.site_value, candidates, *sizes))
         record.index = index

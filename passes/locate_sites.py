@@ -1,4 +1,4 @@
-"""Find each stage's cut point, residual-stream value and (for attention signals) sdpa call."""
+"""Find each stage's cut point, residual-stream value and (for attention signals) sdpa calls."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +7,7 @@ from torch import fx
 from prunec.adapters.base import module_paths
 from prunec.context import CompileContext, StageRecord
 from prunec.errors import BuildError
+from prunec.methods import get_method
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -41,6 +42,13 @@ def locate_sites(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             record.site_value = _layer_output(span)
             sdpa = [n for n in span if n.target is _SDPA]
             record.attention = sdpa[-1] if sdpa else None
+            if "next_layer_qk" in get_method(stage.method).signals:
+                record.next_layer = _layer_span(gm, f"{domains[stage.domain].layers_path}.{stage.layer + 1}")
+                sdpa = [n for n in record.next_layer if n.target is _SDPA]
+                if not sdpa:
+                    raise BuildError(f"site {stage.site}: method {stage.method} needs the next layer's "
+                                     "scaled_dot_product_attention call, and none was found")
+                record.next_attention = sdpa[0]
         else:
             record.anchor, record.site_value = ctx.adapter.output_cut(gm, stage.site)
         record.token_size = record.site_value.meta["val"].shape[1]

@@ -49,4 +49,11 @@ def load(path: str | Path):
     return load_program(path).module()
 
 
-__all__ = ["BuildError", "PrunecError", "SpecError", "build", "load", "load_spec", "plan", "__version__"]
+def load_generator(path: str | Path):
+    """An artifact built with `decode:` as a `Generator`: `.generate(*inputs, max_new_tokens=...)`."""
+    from .generate import Generator
+
+    return Generator(path)
+
+
+__all__ = ["BuildError", "PrunecError", "SpecError", "build", "load", "load_generator", "load_spec", "plan", "__version__"]

@@ -124,16 +124,20 @@ def read_manifest(artifact: Path) -> dict:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
 
 
-def load_program(path: str | Path) -> torch.export.ExportedProgram:
-    """Load an artifact directory (digest checked against its manifest) or a bare model.pt2."""
+def load_program(path: str | Path, member: str = "model.pt2") -> torch.export.ExportedProgram:
+    """Load an artifact directory's `member` program (digest checked against its manifest) or a
+    bare .pt2 file."""
     from . import ops  # noqa: F401  (the prunec ops must be registered before deserializing)
 
     path = Path(path)
-    archive = path / "model.pt2" if path.is_dir() else path
+    archive = path / member if path.is_dir() else path
+    if path.is_dir() and not archive.is_file():
+        raise ArtifactError(f"{path} has no {member}" + (" (build the spec with `decode:` to generate)"
+                                                        if member != "model.pt2" else ""))
     data = read_archive(archive)
     inspect_archive(archive, data)
     if path.is_dir():
-        expected = read_manifest(path).get("files", {}).get("model.pt2")
+        expected = read_manifest(path).get("files", {}).get(member)
         if expected != program_digest(archive, data):
             raise ArtifactError(f"{archive} does not match the digest in {path / 'manifest.json'} (tampered, "
                                 "corrupted, or built by another prunec)")

@@ -70,6 +70,8 @@ def build(spec: Path = typer.Argument(..., help="spec file"),
     try:
         start = time.perf_counter()
         the_plan = plan(spec)
+        if "decode" in the_plan.lock:
+            steps[-1:-1] = ["export_prefill", "export_decode"]
         if not quiet:
             typer.echo(stage_table(the_plan))
         with _progress(len(steps), enabled=not quiet and sys.stderr.isatty()) as advance:
@@ -151,6 +153,27 @@ def run(artifact: Path = typer.Argument(..., help="artifact directory written by
 
 
 @app.command()
+def bench(spec: Path = typer.Argument(..., help="spec file"),
+          rounds: int = typer.Option(10, min=1, help="timed rounds per way (A B C A B C ...)"),
+          warmup: int = typer.Option(2, min=1, help="untimed rounds first"),
+          threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: OMP_NUM_THREADS or torch's)"),
+          eager: bool = typer.Option(True, "--eager/--no-eager", help="also time the eager-attention way"),
+          as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+    """Build the spec, then time unpruned vs emitted vs the eager-attention way, with FLOPs ideals."""
+    import torch
+
+    from .bench import bench_spec, format_report
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        report = bench_spec(spec, rounds=rounds, warmup=warmup, eager=eager)
+    except PrunecError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@app.command()
 def diff(a: Path = typer.Argument(..., help="spec or lock A"), b: Path = typer.Argument(..., help="spec or lock B")) -> None:
     """Semantic diff of two specs after extends and defaults. Exit 0 if equivalent, 1 if not."""
     from . import plan
@@ -220,6 +243,34 @@ def viz(target: Path = typer.Argument(..., help="artifact directory, or a spec (
         save(drawing, out)
     counts = ", ".join(f"{s.site} {len(k)}" for s, k in zip(the_plan.stages, kept))
     typer.echo(f"wrote {out} ({drawing.size[0]}x{drawing.size[1]}); patches kept: {counts}")
+
+
+@app.command()
+def generate(artifact: Path = typer.Argument(..., help="artifact directory built with `decode:`"),
+             prompt: Optional[str] = typer.Option(None, help="text prompt (needs a tokenizer in the model directory)"),
+             image: Optional[Path] = typer.Option(None, help="image for LLaVA prompts (needs the model's processor)"),
+             input_ids: Optional[str] = typer.Option(None, "--input-ids", help="prompt as space-separated token ids"),
+             max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+             sample: bool = typer.Option(False, "--sample/--greedy", help="sample instead of greedy decoding"),
+             temperature: float = typer.Option(1.0, help="sampling temperature"),
+             top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass"),
+             seed: int = typer.Option(0, help="sampling seed, and the seed of example inputs")) -> None:
+    """Generate from an artifact: pruned prefill, then decoding against the per-layer pruned KV cache.
+    Without --prompt or --input-ids, runs on seeded example inputs of the spec's shape."""
+    from .generate import Generator, Sampling
+    from .prompt import prompt_inputs
+
+    try:
+        generator = Generator(artifact)
+        sampling = Sampling(do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
+        inputs, tokenizer, note = prompt_inputs(generator, artifact, prompt, image, input_ids, seed)
+        tokens = generator.generate(*inputs, max_new_tokens=max_new_tokens, sampling=sampling)
+    except (PrunecError, ValueError) as exc:
+        _fail(exc if isinstance(exc, PrunecError) else PrunecError(str(exc)))
+    if note:
+        typer.echo(note)
+    for row in tokens.tolist():
+        typer.echo(tokenizer.decode(row, skip_special_tokens=True) if tokenizer else " ".join(map(str, row)))
 
 
 def _read_image(path: Path):

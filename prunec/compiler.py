@@ -5,7 +5,7 @@ The pass list is `prunec.passes.PIPELINE`; each pass is one function over the Gr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -24,6 +24,7 @@ class Compiled:
     program: torch.export.ExportedProgram
     context: CompileContext
     timings: dict[str, float]
+    generation: dict[str, torch.export.ExportedProgram] = field(default_factory=dict)  # prefill, decode
 
 
 def example_shape(plan: Plan) -> ExampleShape:
@@ -50,7 +51,7 @@ def compile_plan(plan: Plan, model: torch.nn.Module, on_step: Callable[[str], No
     step("capture")
     start = time.perf_counter()
     captured = capture(model, plan.adapter, example_shape(plan), plan.lock["inputs"]["seed"],
-                       min_tokens=min_tokens(plan))
+                       min_tokens=min_tokens(plan), last_logits=plan.lock.get("output", {}).get("logits") == "last")
     timings["capture"] = time.perf_counter() - start
     ctx = CompileContext(plan, plan.adapter, captured.example_inputs, captured.dynamic_shapes)
     gm = captured.graph_module
@@ -68,4 +69,13 @@ def compile_plan(plan: Plan, model: torch.nn.Module, on_step: Callable[[str], No
                              ) from exc
         timings[graph_pass.__name__] = time.perf_counter() - start
         done.append(graph_pass.__name__)
-    return Compiled(plan, ctx.program, ctx, timings)
+    compiled = Compiled(plan, ctx.program, ctx, timings)
+    if "decode" in plan.lock:
+        from .decode import export_decode, export_prefill
+
+        for name, export in (("prefill", lambda: export_prefill(gm, ctx)), ("decode", lambda: export_decode(model, plan))):
+            step(f"export_{name}")
+            start = time.perf_counter()
+            compiled.generation[name] = export()
+            timings[f"export_{name}"] = time.perf_counter() - start
+    return compiled

@@ -25,6 +25,8 @@ class StageRecord:
     site_value: fx.Node = None          # [B, S, D] residual stream at the cut
     token_size: Any = None              # captured sequence length at the site (a SymInt)
     attention: fx.Node | None = None    # the layer's sdpa call, for attention signals
+    next_attention: fx.Node | None = None  # the next layer's sdpa call, for next-layer q/k signals
+    next_layer: list[fx.Node] = field(default_factory=list)  # the next layer's nodes, in graph order
     index: fx.Node | None = None        # [B, K] sorted keep indices
     gathered: fx.Node | None = None     # the pruned residual stream
     kept_len: fx.Node | None = None     # K as a SymInt node

@@ -1,7 +1,8 @@
 """Write a compiled program as an artifact directory, atomically.
 
 `DIR/<name>/` holds model.pt2 (torch.export.save), module.py (the rewritten graph as code),
-manifest.json and spec.lock.yaml. Everything is written into a hidden sibling directory first and
+manifest.json and spec.lock.yaml; with `decode:` in the spec, also prefill.pt2 and decode.pt2
+(generation programs, see decode.py; each holds its own copy of the weights). Everything is written into a hidden sibling directory first and
 renamed into place only when complete, so a failed or killed build never leaves a partial
 `DIR/<name>/`, and a rebuild replaces the old artifact in one step.
 """
@@ -55,7 +56,7 @@ def _sha256(data: bytes) -> str:
 
 
 def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_text: str,
-             program_sha256: str) -> dict:
+             programs: dict[str, str]) -> dict:
     plan = compiled.plan
     graph = compiled.program.graph_module.graph
     ops = Counter(str(n.target) for n in graph.nodes if str(n.target).startswith("prunec."))
@@ -79,7 +80,7 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
             "carried": records[stage.site].propagated,
         })
         tokens[stage.domain] -= dropped
-    return {
+    data = {
         "prunec_manifest": MANIFEST_VERSION,
         "name": plan.spec.name,
         "spec_sha256": plan.spec_hash,
@@ -94,8 +95,26 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
         "flops": estimate(plan),
         "graph": {"nodes": len(graph.nodes), "prunec_ops": dict(sorted(ops.items()))},
         "weights_sha256": weights_digest(compiled.program),
-        "files": {"model.pt2": program_sha256, "module.py": _sha256(module_code.encode()),
+        "files": {**programs, "module.py": _sha256(module_code.encode()),
                   "spec.lock.yaml": _sha256(lock_text.encode())},
+    }
+    if compiled.generation:
+        data["decode"] = decode_manifest(plan)
+    return data
+
+
+def decode_manifest(plan) -> dict:
+    from .decode import cache_lengths, kv_cache_bytes, position_offset
+
+    lengths = cache_lengths(plan)
+    full = [plan.adapter.tokens_at_input("llm", plan.lock["inputs"])] * len(lengths)
+    return {
+        "policy": plan.lock["decode"]["policy"],
+        "position_offset": position_offset(plan),
+        "cache_lengths": lengths,
+        "kv_cache_bytes_per_row": {"unpruned": kv_cache_bytes(plan, full), "pruned": kv_cache_bytes(plan, lengths)},
+        "note": "cache lengths and bytes at the spec's example inputs; each layer holds seq_len minus the "
+                "tokens dropped before it, plus one entry per generated token",
     }
 
 
@@ -116,9 +135,16 @@ def emit(compiled: Compiled, model: torch.nn.Module, out_dir: str | Path) -> Pat
         module_code = program.module().code.strip() + "\n"
         lock_text = dump_lock(compiled.plan.lock)
         torch.export.save(program, staging / "model.pt2")
+        programs = {"model.pt2": program_digest(staging / "model.pt2")}
+        for name, extra in compiled.generation.items():
+            for node in extra.graph.nodes:
+                node.meta.pop("from_node", None)
+            extra.example_inputs = None
+            torch.export.save(extra, staging / f"{name}.pt2")
+            programs[f"{name}.pt2"] = program_digest(staging / f"{name}.pt2")
         (staging / "module.py").write_text(module_code)
         (staging / "spec.lock.yaml").write_text(lock_text)
-        data = manifest(compiled, model, module_code, lock_text, program_digest(staging / "model.pt2"))
+        data = manifest(compiled, model, module_code, lock_text, programs)
         (staging / "manifest.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         for path in staging.iterdir():
             with open(path, "rb") as handle:

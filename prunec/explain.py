@@ -1,7 +1,7 @@
 """Human-readable summaries of a plan: the stage table of `prunec explain` and `prunec build`."""
 from __future__ import annotations
 
-from .flops import CONVENTION, estimate, layer_tokens, segments
+from .flops import estimate, layer_tokens, segments
 from .spec import Plan
 
 
@@ -37,8 +37,24 @@ def stage_table(plan: Plan) -> str:
     text.append(_table(layers))
     text.append(flow_chart(plan))
     text.append(f"prefill FLOPs: {flops['ratio']:.1%} of unpruned; FLOPs share = the layers a stage's "
-                f"output feeds, as a share of the unpruned total ({CONVENTION})")
+                f"output feeds, as a share of the unpruned total ({flops['convention']})")
+    text.append(flops_table(flops))
     return "\n".join(text)
+
+
+def flops_table(flops: dict) -> str:
+    """Every accounting convention side by side, each named."""
+    rows = [["FLOPs view", "tokens counted", "FFN term", "pruned / unpruned"]]
+    names = {"full": "full sequence (a)", "image": "image tokens only (b)"}
+    for view in flops["paper_style"]:
+        rows.append(["paper style (MACs)", names[view["tokens"]], view["ffn"], f"{view['ratio']:.1%}"])
+    exact = flops["exact"]
+    rows.append(["exact prefill (FLOPs)", "full sequence + unpruned parts", "model's", f"{exact['prefill_flops']['ratio']:.1%}"])
+    if "decode" in exact:
+        rows.append([f"exact decode, {exact['decode']['new_tokens']} new tokens", "KV cache each layer kept",
+                     "model's", f"{exact['decode']['ratio']:.1%}"])
+        rows.append(["KV cache entries", "summed over layers", "-", f"{exact['kv_cache_tokens']['ratio']:.1%}"])
+    return _table(rows) + f"\nexact: {exact['convention']}"
 
 
 def flow_chart(plan: Plan, width: int = 40) -> str:

@@ -1,10 +1,18 @@
-"""Prefill FLOPs estimate (METHODS.md section 0.4).
+"""FLOPs accounting for a plan (METHODS.md section 0.4), always reported with its convention.
 
-Per layer, for n tokens, hidden d and FFN width m: F(n) = 4 n d^2 + 2 n^2 d + k n d m, with k = 3 for
-SwiGLU FFNs (Llama) and 2 for two-matrix MLPs (ViT, CLIP, BERT). Multiply-accumulates, full MHA
-projections (GQA's smaller K/V projections are not discounted), counted over the whole sequence
-(convention (a): system + image + text), for the transformer layers only (no embeddings, head,
-norms, vision tower of a VLM or projector).
+Three views of the same per-layer token counts:
+
+- **Paper style** (FastV's formula, multiply-accumulates): per layer F(n) = 4nd^2 + 2n^2d + k*ndm,
+  full MHA projections, transformer layers only. Two token conventions, (a) `full`: n = the whole
+  sequence (FastV, DivPrune) and (b) `image`: n = the candidate (image / patch) tokens only (PDrop,
+  CATP, TransPrune); two FFN terms, k = 2 (FastV) or 3 (SwiGLU, PDrop). All four are reported.
+- **Exact**: FLOPs = 2 x MACs, grouped-query K/V projections at their real width, every layer of
+  every domain plus the parts pruning never touches (a VLM's vision tower and projector), so the
+  ratio is the end-to-end prefill ratio of the matmuls.
+- **Decode**: R new tokens after the prefill, with the KV cache each layer kept; per layer
+  R(2d^2 + 2d*d_kv + k*dm) + 2 d_attn sum_{i=1..R}(n + i) MACs. Pruning shrinks only the attention term.
+
+Softmax, norms, RoPE, embeddings and the LM head are not counted in any view.
 """
 from __future__ import annotations
 
@@ -12,11 +20,27 @@ from dataclasses import dataclass
 
 from .spec import Plan
 
-CONVENTION = "MACs, full sequence (convention a), 4nd^2 + 2n^2d + k*ndm per layer, transformer layers only"
+DECODE_TOKENS = 100  # the decode length METHODS.md 0.4 (6) cites
+PAPER = "MACs of the transformer layers, 4nd^2 + 2n^2d + k*ndm per layer (full MHA)"
+EXACT = ("FLOPs = 2 x MACs; GQA-aware K/V projections; attention QK^T and AV over the whole square; "
+         "vision tower and projector included; softmax, norms, RoPE, embeddings and LM head excluded")
+CONVENTION = "paper style: full sequence (convention a), k = the model's FFN matrices"
 
 
 def layer_macs(n: int, d: int, m: int, ffn_matrices: int) -> int:
+    """FastV's per-layer prefill cost, in MACs, for n tokens."""
     return 4 * n * d * d + 2 * n * n * d + ffn_matrices * n * d * m
+
+
+def exact_layer_macs(n: int, d: int, m: int, ffn_matrices: int, d_attn: int, d_kv: int) -> int:
+    """Q and O projections d -> d_attn -> d, K and V d -> d_kv, QK^T and AV, FFN."""
+    return 2 * n * d * d_attn + 2 * n * d * d_kv + 2 * n * n * d_attn + ffn_matrices * n * d * m
+
+
+def decode_layer_macs(prefix: int, new_tokens: int, d: int, m: int, ffn_matrices: int, d_attn: int, d_kv: int) -> int:
+    per_token = 2 * d * d_attn + 2 * d * d_kv + ffn_matrices * d * m
+    attended = new_tokens * prefix + new_tokens * (new_tokens + 1) // 2  # sum_{i=1..R} (prefix + i)
+    return new_tokens * per_token + 2 * d_attn * attended
 
 
 @dataclass(frozen=True)
@@ -28,41 +52,138 @@ class Segment:
     macs: int
 
 
-def segments(plan: Plan) -> list[Segment]:
-    """Runs of consecutive layers that see the same sequence length, per domain."""
+def domain_input(plan: Plan, name: str) -> tuple[int, int]:
+    """(tokens, candidate tokens) domain `name` receives from the model's inputs, before any stage."""
     inputs, adapter = plan.lock["inputs"], plan.adapter
+    stages = [s for s in plan.stages if s.domain == name]
+    protect = stages[0].protect if stages else adapter.protectable
+    candidates = adapter.initial_candidates_from_config(inputs, protect) if adapter.span else 0
+    return adapter.tokens_at_input(name, inputs), candidates
+
+
+def domain_lengths(plan: Plan, name: str) -> list[tuple[int, int]]:
+    """(tokens, candidate tokens) that each layer of domain `name` sees, in layer order."""
+    adapter = plan.adapter
+    tokens, candidates = domain_input(plan, name)
+    stages = [s for s in plan.stages if s.domain == name]
+    cuts = {}
+    for stage in stages:
+        if stage.layer is None and stage.site != "projector.output":
+            continue  # an encoder's output site cuts after its last layer: no layer sees the cut
+        if stage.layer is None:  # the projector's output feeds the first LLM layer
+            tokens -= stage.n_candidates - stage.n_keep
+            candidates = stage.n_keep
+        else:
+            cuts[stage.layer] = stage
     out = []
-    for name, domain in adapter.domains().items():
-        d, m, k = adapter.layer_dims(name)
-        n = adapter.tokens_at_input(name, inputs)
-        lengths = []
-        cuts = {s.layer: s.n_candidates - s.n_keep for s in plan.stages if s.domain == name and s.layer is not None}
-        n -= sum(s.n_candidates - s.n_keep for s in plan.stages
-                 if s.domain == name and s.layer is None and s.site == "projector.output")
-        for layer in range(domain.num_layers):
-            lengths.append(n)
-            n -= cuts.get(layer, 0)
+    for layer in range(adapter.domains()[name].num_layers):
+        out.append((tokens, candidates))
+        if layer in cuts:
+            tokens -= cuts[layer].n_candidates - cuts[layer].n_keep
+            candidates = cuts[layer].n_keep
+    return out
+
+
+def segments(plan: Plan) -> list[Segment]:
+    """Runs of consecutive layers that see the same sequence length, per domain (paper-style MACs)."""
+    out = []
+    for name in plan.adapter.domains():
+        d, m, k = plan.adapter.layer_dims(name)
+        lengths = [tokens for tokens, _ in domain_lengths(plan, name)]
         start = 0
-        for layer in range(1, domain.num_layers + 1):
-            if layer == domain.num_layers or lengths[layer] != lengths[start]:
-                macs = sum(layer_macs(lengths[i], d, m, k) for i in range(start, layer))
+        for layer in range(1, len(lengths) + 1):
+            if layer == len(lengths) or lengths[layer] != lengths[start]:
+                macs = sum(layer_macs(n, d, m, k) for n in lengths[start:layer])
                 out.append(Segment(name, start, layer - 1, lengths[start], macs))
                 start = layer
     return out
 
 
-def estimate(plan: Plan) -> dict:
-    inputs, adapter = plan.lock["inputs"], plan.adapter
-    baseline = 0
-    for name, domain in adapter.domains().items():
+def _paper_style(plan: Plan, tokens: str, ffn: int) -> dict | None:
+    baseline = pruned = 0
+    for name in plan.adapter.domains():
+        d, m, _ = plan.adapter.layer_dims(name)
+        lengths = domain_lengths(plan, name)
+        column = 0 if tokens == "full" else 1
+        full = domain_input(plan, name)[column]
+        if full == 0:
+            return None  # no image tokens: convention (b) does not apply
+        baseline += len(lengths) * layer_macs(full, d, m, ffn)
+        pruned += sum(layer_macs(row[column], d, m, ffn) for row in lengths)
+    return {"tokens": tokens, "ffn": f"{ffn}ndm", "baseline_macs": baseline, "pruned_macs": pruned,
+            "ratio": round(pruned / baseline, 6) if baseline else 1.0}
+
+
+def _exact(plan: Plan, new_tokens: int) -> dict:
+    adapter, inputs = plan.adapter, plan.lock["inputs"]
+    fixed = adapter.fixed_macs(inputs)
+    prefill = {"baseline": 0, "pruned": 0}
+    decode = {"baseline": 0, "pruned": 0}
+    kv_entries = {"baseline": 0, "pruned": 0}
+    for name in adapter.domains():
         d, m, k = adapter.layer_dims(name)
-        baseline += domain.num_layers * layer_macs(adapter.tokens_at_input(name, inputs), d, m, k)
-    pruned = sum(s.macs for s in segments(plan))
+        d_attn, d_kv = adapter.attention_dims(name)
+        lengths = [tokens for tokens, _ in domain_lengths(plan, name)]
+        full = domain_input(plan, name)[0]
+        prefill["baseline"] += len(lengths) * exact_layer_macs(full, d, m, k, d_attn, d_kv)
+        prefill["pruned"] += sum(exact_layer_macs(n, d, m, k, d_attn, d_kv) for n in lengths)
+        if adapter.generates:
+            decode["baseline"] += len(lengths) * decode_layer_macs(full, new_tokens, d, m, k, d_attn, d_kv)
+            decode["pruned"] += sum(decode_layer_macs(n, new_tokens, d, m, k, d_attn, d_kv) for n in lengths)
+            kv_entries["baseline"] += len(lengths) * full
+            kv_entries["pruned"] += sum(lengths)
+    fixed_total = sum(fixed.values())
+    scoring = _scoring_macs(plan)
+    out = {
+        "convention": EXACT,
+        "prefill_flops": {"baseline": 2 * (prefill["baseline"] + fixed_total),
+                          "pruned": 2 * (prefill["pruned"] + fixed_total)},
+        "unpruned_parts_flops": {part: 2 * macs for part, macs in fixed.items()},
+        "scoring_flops": 2 * scoring,
+    }
+    out["prefill_flops"]["ratio"] = _ratio(out["prefill_flops"])
+    if adapter.generates:
+        out["decode"] = {"new_tokens": new_tokens, "baseline": 2 * decode["baseline"], "pruned": 2 * decode["pruned"]}
+        out["decode"]["ratio"] = _ratio(out["decode"])
+        out["kv_cache_tokens"] = {"per_row_summed_over_layers": kv_entries,
+                                  "ratio": _ratio({"baseline": kv_entries["baseline"], "pruned": kv_entries["pruned"]})}
+    return out
+
+
+def _scoring_macs(plan: Plan) -> int:
+    """Projections a method recomputes outside the model's own layers (not in `pruned`): the next
+    layer's K for every token and Q for the last one, then one attention row, per such stage."""
+    from .methods import get_method
+
+    total = 0
+    for stage in plan.stages:
+        if "next_layer_qk" not in get_method(stage.method).signals:
+            continue
+        d, _, _ = plan.adapter.layer_dims(stage.domain)
+        d_attn, d_kv = plan.adapter.attention_dims(stage.domain)
+        n = domain_lengths(plan, stage.domain)[stage.layer][0]
+        total += n * d * d_kv + d * d_attn + 2 * n * d_attn
+    return total
+
+
+def _ratio(pair: dict) -> float:
+    return round(pair["pruned"] / pair["baseline"], 6) if pair["baseline"] else 1.0
+
+
+def estimate(plan: Plan, new_tokens: int = DECODE_TOKENS) -> dict:
+    """Every view, per row of the spec's example inputs. `ratio` is the default (paper style, full
+    sequence, the model's own FFN matrices) that `explain` prints first."""
+    ffn_own = {plan.adapter.layer_dims(name)[2] for name in plan.adapter.domains()}
+    views = [v for v in (_paper_style(plan, tokens, ffn) for tokens in ("full", "image") for ffn in (2, 3))
+             if v is not None]
+    default = next(v for v in views if v["tokens"] == "full" and int(v["ffn"][0]) in ffn_own)
     return {
-        "convention": CONVENTION,
-        "baseline_macs": baseline,
-        "pruned_macs": pruned,
-        "ratio": round(pruned / baseline, 6) if baseline else 1.0,
+        "convention": f"{PAPER}; default: full sequence (convention a), {default['ffn']}",
+        "baseline_macs": default["baseline_macs"],
+        "pruned_macs": default["pruned_macs"],
+        "ratio": default["ratio"],
+        "paper_style": views,
+        "exact": _exact(plan, new_tokens),
         "segments": [
             {"domain": s.domain, "layers": [s.first_layer, s.last_layer], "tokens": s.tokens, "macs": s.macs}
             for s in segments(plan)
@@ -71,23 +192,5 @@ def estimate(plan: Plan) -> dict:
 
 
 def layer_tokens(plan: Plan) -> list[tuple[int, int]]:
-    """(tokens, candidate tokens) each layer of the pruned domain sees, in layer order."""
-    out = []
-    for seg in segments(plan):
-        candidates = _candidates_at(plan, seg)
-        out.extend([(seg.tokens, candidates)] * (seg.last_layer - seg.first_layer + 1))
-    return out
-
-
-def _candidates_at(plan: Plan, seg) -> int:
-    count = None
-    for stage in plan.stages:
-        if stage.domain == seg.domain:
-            count = stage.n_candidates if count is None else count
-            if stage.layer is None or stage.layer < seg.first_layer:
-                count = stage.n_keep
-    if count is None and plan.adapter.span is None:
-        return 0
-    if count is None:
-        return plan.adapter.initial_candidates_from_config(plan.lock["inputs"], plan.adapter.protectable)
-    return count
+    """(tokens, candidate tokens) each layer of the first domain sees, in layer order."""
+    return domain_lengths(plan, next(iter(plan.adapter.domains())))

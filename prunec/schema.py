@@ -70,9 +70,24 @@ def spec_schema() -> dict[str, Any]:
             "output": {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": {"dir": {"type": "string"}},
+                "properties": {
+                    "dir": {"type": "string"},
+                    "logits": {"enum": ["all", "last"],
+                               "description": "causal LMs: logits for every kept token (all, default) or only "
+                                              "the last one, as generation needs (last)"},
+                },
             },
             "backend": {"enum": ["auto", "torch", "triton"]},
+            "decode": {
+                "description": "causal LMs: also emit prefill + decode-step programs for generation",
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "policy": {"enum": ["static", "dynamic"],
+                               "description": "static (default): prune once at prefill, generated tokens are "
+                                              "never pruned; dynamic (LazyLLM-style re-selection): not yet"},
+                },
+            },
         },
         "$defs": {
             "stage": {

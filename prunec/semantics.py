@@ -50,6 +50,16 @@ def resolve(spec: Spec) -> Plan:
     if spec.data.get("backend") == "triton":
         raise SpecError("backend 'triton' is not available yet: no Triton kernels are registered; "
                         "use auto or torch", spec.locate("/backend"))
+    if spec.data.get("output", {}).get("logits") == "last" and not adapter.generates:
+        raise SpecError(f"output.logits: last applies to causal LMs; family {adapter.family} returns hidden states",
+                        spec.locate("/output/logits"))
+    if "decode" in spec.data:
+        if not adapter.generates:
+            raise SpecError(f"decode applies to causal LMs; family {adapter.family} does not generate",
+                            spec.doc.locate_key("/decode"))
+        if spec.data["decode"].get("policy", "static") == "dynamic":
+            raise SpecError("decode policy 'dynamic' (re-selection during decoding, with revival) is not "
+                            "implemented yet; use static", spec.locate("/decode/policy"))
     stages = _resolve_stages(spec, adapter, model_src, inputs)
     return Plan(spec, adapter, stages, _lock(spec.data, model_src, inputs, list(stages), spec))
 
@@ -150,7 +160,10 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             if domain not in info.domains:
                 raise SpecError(f"method {info.name} works in {', '.join(info.domains)} sites, not {domain}",
                                 spec.locate(site_ptr))
-            if "attention_qk" in info.signals and model_src["attn_implementation"] != "sdpa":
+            if "next_layer_qk" in info.signals and layer == adapter.domains()[domain].num_layers - 1:
+                raise SpecError(f"method {info.name} scores with the next layer's q/k, and {site} is the "
+                                "last layer; choose an earlier site", spec.locate(site_ptr))
+            if {"attention_qk", "next_layer_qk"} & set(info.signals) and model_src["attn_implementation"] != "sdpa":
                 raise SpecError(f"method {info.name} reads q/k from the layer's sdpa call; set "
                                 "model.attn_implementation: sdpa", spec.locate(f"{ptr}/method"))
             positions = raw.get("positions", info.default_positions)
@@ -206,6 +219,8 @@ def _lock(data: dict, model_src: dict, inputs: dict, stages: list[Stage], spec: 
     }
     if "output" in data:
         lock["output"] = data["output"]
+    if "decode" in data:
+        lock["decode"] = {"policy": "static", **data["decode"]}
     return lock
 
 

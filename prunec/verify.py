@@ -51,9 +51,13 @@ def verify_artifact(artifact: str | Path, rebuild: bool = False) -> Report:
     for name in ("module.py", "spec.lock.yaml"):
         path = artifact / name
         report.check(path.is_file() and _sha256(path) == recorded.get(name), f"{name} sha256")
-    program = read_archive(artifact / "model.pt2")
-    inspect_archive(artifact / "model.pt2", program)
-    report.check(program_digest(artifact / "model.pt2", program) == recorded.get("model.pt2"), "model.pt2 content digest")
+    for name in sorted({"model.pt2", *(n for n in recorded if n.endswith(".pt2"))}):
+        if not (artifact / name).is_file():
+            report.check(False, f"{name} present")
+            continue
+        program = read_archive(artifact / name)
+        inspect_archive(artifact / name, program)
+        report.check(program_digest(artifact / name, program) == recorded.get(name), f"{name} content digest")
     if report.ok:
         report.check(weights_digest(load_program(artifact)) == manifest.get("weights_sha256"), "weights sha256")
         lock_plan = make_plan(artifact / "spec.lock.yaml")

@@ -44,18 +44,53 @@ def _gather_rows(x: torch.Tensor, keep: list[list[int]], dim: int) -> torch.Tens
     return torch.stack([x[b].index_select(dim - 1, torch.tensor(k)) for b, k in enumerate(keep)])
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE from its definition: x*cos + rotate_half(x)*sin, rotate_half(a, b) = (-b, a)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def pyramiddrop_last_row(layer, hidden, cos, sin, mask):
+    """PyramidDrop's score from its definition: the *next* layer's norm, q/k projections and RoPE
+    on the current hidden states; the last token's softmax row over all keys (under `mask`, [B, S]
+    additive or bool row), mean over heads. Returns [B, S]."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    batch, seq, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(batch, seq, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, seq, -1, hd).transpose(1, 2)
+    q, k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
+    rows = []
+    for b in range(batch):
+        per_head = []
+        for h in range(q.shape[1]):
+            kh = k[b, h // (q.shape[1] // k.shape[1])]
+            logits = (kh @ q[b, h, -1]) * hd ** -0.5
+            row_mask = mask[b]
+            logits = logits.masked_fill(~row_mask, float("-inf")) if row_mask.dtype == torch.bool else logits + row_mask
+            per_head.append(torch.softmax(logits.double(), dim=0))
+        rows.append(torch.stack(per_head).mean(dim=0))
+    return torch.stack(rows)
+
+
 class LlavaReference:
-    """Runs an HF LLaVA (eager attention) with hooks applying DivPrune before the LLM and/or FastV
-    after decoder layer i. `stages`: dicts with kind ('divprune' | 'fastv'), n_keep, and for fastv
-    `layer`, `query` ('last' | 'all') and `positions` ('keep_original' | 'renumber')."""
+    """Runs an HF LLaVA (eager attention) with hooks applying DivPrune before the LLM and/or FastV /
+    PyramidDrop after decoder layer i. `stages`: dicts with kind ('divprune' | 'fastv' |
+    'pyramiddrop'), n_keep, and for the others `layer`, `positions` ('keep_original' | 'renumber')
+    and, for fastv, `query` ('last' | 'all')."""
 
     def __init__(self, model, stages: list[dict]):
         self.model, self.stages = model, stages
         model.set_attn_implementation("eager")
 
     @torch.no_grad()
-    def __call__(self, input_ids, attention_mask, pixel_values):
+    def __call__(self, input_ids, attention_mask, pixel_values, cache=None):
+        """Logits of the pruned forward. With a DynamicCache, each layer stores the K/V of the tokens
+        it kept, `self.layer_masks[i]` is the 4-D mask layer i used, and `self.last_position[b]` is the
+        rotary position row b's last token has in the last layer."""
         lm = self.model.model.language_model
+        self.layer_masks = {}
         image_id = self.model.config.image_token_id
         state = {"cands": [torch.nonzero(r == image_id).flatten().tolist() for r in input_ids],
                  "cur": None, "pending": None, "attn": None, "pos": None}
@@ -84,24 +119,24 @@ class LlavaReference:
         def capture_attn(module, args, output):
             state["attn"] = output[1]
 
-        def cut(stage):
-            probs = state["attn"].float().mean(dim=1)  # [B, S, S], head mean
+        def cut(stage, rows=None):
+            """rows: [B, S] scores; by default FastV's, from the captured attention probabilities."""
+            if rows is None:
+                probs = state["attn"].float().mean(dim=1)  # [B, S, S], head mean
+                rows = probs[:, -1] if stage["query"] == "last" else probs.mean(dim=1)
             keep, locals_per_row = [], []
             for b, cands in enumerate(state["cands"]):
-                if stage["query"] == "last":
-                    row = probs[b, -1]
-                else:
-                    row = probs[b].mean(dim=0)
+                row = rows[b]
                 local = slow_topk([float(row[c]) for c in cands], stage["n_keep"])
                 locals_per_row.append(local)
-                keep.append(keep_list(cands, [cands[i] for i in local], probs.shape[-1]))
+                keep.append(keep_list(cands, [cands[i] for i in local], rows.shape[-1]))
             keep_patches(locals_per_row)
             state["cands"] = [[k.index(c) for c in cands if c in k] for k, cands in zip(keep, state["cands"])]
-            prev = state["cur"] or [list(range(probs.shape[-1])) for _ in keep]
+            prev = state["cur"] or [list(range(rows.shape[-1])) for _ in keep]
             state["cur"] = [[p[i] for i in k] for p, k in zip(prev, keep)]
-            state["pending"] = (keep, probs.shape[-1])
+            state["pending"] = (keep, rows.shape[-1])
             # each row's rotary position per token: kept as they were, or renumbered 0..K-1
-            positions = state["pos"] or [list(range(probs.shape[-1])) for _ in keep]
+            positions = state["pos"] or [list(range(rows.shape[-1])) for _ in keep]
             if stage["positions"] == "renumber":
                 state["pos"] = [list(range(len(k))) for k in keep]
             else:
@@ -112,6 +147,8 @@ class LlavaReference:
                 for stage in self.stages:
                     if stage["kind"] == "fastv" and stage["layer"] == index - 1:
                         cut(stage)
+                    if stage["kind"] == "pyramiddrop" and stage["layer"] == index - 1:
+                        cut(stage, next_layer_rows(module, args[0] if args else kwargs["hidden_states"], kwargs))
                 if state["pending"] is not None:
                     keep, length = state["pending"]
                     hidden = args[0] if args else kwargs["hidden_states"]
@@ -128,8 +165,24 @@ class LlavaReference:
                     pos = state["pos"]
                     kwargs["position_embeddings"] = (_gather_rows(cos, pos, 1), _gather_rows(sin, pos, 1))
                     kwargs["position_ids"] = None
+                self.layer_masks[index] = kwargs["attention_mask"]
                 return args, kwargs
             return hook
+
+        def current_view(kwargs):
+            """The layer's 4-D mask and cos/sin, cut to the tokens the rows still hold."""
+            mask = kwargs["attention_mask"]
+            cos, sin = kwargs["position_embeddings"]
+            if state["cur"] is None:
+                return mask, cos, sin
+            mask = _gather_rows(_gather_rows(mask, state["cur"], 2), state["cur"], 3)
+            return mask, _gather_rows(cos, state["pos"], 1), _gather_rows(sin, state["pos"], 1)
+
+        def next_layer_rows(layer, hidden, kwargs):
+            mask, cos, sin = current_view(kwargs)
+            if cos.shape[0] != hidden.shape[0]:
+                cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
+            return pyramiddrop_last_row(layer, hidden, cos, sin, mask[:, 0, -1])
 
         def before_norm(module, args):
             for stage in self.stages:
@@ -148,11 +201,58 @@ class LlavaReference:
             for i, layer in enumerate(lm.layers):
                 handles.append(layer.register_forward_pre_hook(before_layer(i), with_kwargs=True))
             handles.append(lm.norm.register_forward_pre_hook(before_norm))
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                              use_cache=False).logits
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                past_key_values=cache, use_cache=cache is not None).logits
+            length = self.layer_masks[0].shape[-1]  # tokens entering the LLM
+            self.last_position = ([p[-1] for p in state["pos"]] if state["pos"] is not None
+                                  else [length - 1] * input_ids.shape[0])
+            return logits
         finally:
             for h in handles:
                 h.remove()
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, pixel_values, max_new_tokens: int):
+        """Greedy decoding with HF's own DynamicCache: prune at prefill (static policy), then feed one
+        token at a time through the decoder layers, each against the keys it kept, the new token at
+        the position after the last token's final one. Returns (token ids [B, T], logits [B, T, V])."""
+        from transformers import DynamicCache
+
+        lm = self.model.model.language_model
+        cache = DynamicCache(config=self.model.config)
+        logits = self(input_ids, attention_mask, pixel_values, cache=cache)[:, -1]
+        # per layer: keys row b may attend (the last query's row of the mask the layer used)
+        valid = {}
+        for i, mask in self.layer_masks.items():
+            row = mask[:, 0, -1]
+            valid[i] = (row if row.dtype == torch.bool else row == 0).expand(input_ids.shape[0], -1)
+        position = torch.tensor(self.last_position)[:, None] + 1
+        tokens, scores = [], []
+        for _ in range(max_new_tokens):
+            scores.append(logits)
+            token = logits.argmax(-1)
+            tokens.append(token)
+            valid = {i: torch.cat([v, torch.ones_like(v[:, :1])], dim=1) for i, v in valid.items()}
+            embeds = lm.embed_tokens(token[:, None])
+            cos_sin = lm.rotary_emb(embeds, position_ids=position)
+
+            def per_layer(index):
+                def hook(module, args, kwargs):
+                    additive = torch.zeros(valid[index].shape, dtype=embeds.dtype)
+                    additive[~valid[index]] = torch.finfo(embeds.dtype).min
+                    kwargs["attention_mask"] = additive[:, None, None, :]
+                    kwargs["position_embeddings"] = cos_sin
+                    return args, kwargs
+                return hook
+            handles = [layer.register_forward_pre_hook(per_layer(i), with_kwargs=True) for i, layer in enumerate(lm.layers)]
+            try:
+                hidden = lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).last_hidden_state
+            finally:
+                for h in handles:
+                    h.remove()
+            logits = self.model.lm_head(hidden)[:, -1]
+            position = position + 1
+        return torch.stack(tokens, dim=1), torch.stack(scores, dim=1)
 
 
 class VisionReference:

@@ -14,7 +14,8 @@ import prunec
 from conftest import REPO, write_spec
 from prunec.cli import app
 
-SHIPPED = sorted((REPO / "specs").glob("*.yaml")) + sorted((REPO / "examples").glob("*.yaml"))
+SHIPPED = (sorted((REPO / "specs").glob("*.yaml")) + sorted((REPO / "examples").glob("*.yaml"))
+           + sorted((REPO / "benchmarks" / "specs").glob("*.yaml")))
 
 
 def test_quickstart_builds_and_runs(tmp_path):

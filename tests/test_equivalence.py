@@ -157,6 +157,23 @@ LLAVA_SPECS = {
           - {site: "llm.layers[0]", method: fastv, keep: {count: 10}, positions: renumber}
           - {site: "llm.layers[2]", method: fastv, keep: {count: 4}, positions: keep_original}
     """,
+    "pyramiddrop": """
+        prunec: 1
+        name: pyramiddrop-test
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 30}
+        pipeline:
+          - {site: "llm.layers[0, 1, 2]", method: pyramiddrop, keep: {ratio: [0.5, 0.25, 0.125]}}
+    """,
+    "pyramiddrop-keep-original+fastv": """
+        prunec: 1
+        name: pyramiddrop-mixed
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 30}
+        pipeline:
+          - {site: "llm.layers[0]", method: fastv, keep: {count: 12}, positions: renumber}
+          - {site: "llm.layers[1]", method: pyramiddrop, keep: {count: 6}, positions: keep_original}
+    """,
     "divprune": """
         prunec: 1
         name: divprune-test

@@ -42,6 +42,7 @@ class Adapter:
     output_sites: ClassVar[dict[str, str]] = {}       # e.g. {"projector.output": "llm"}
     needs_seq_len: ClassVar[bool] = False
     needs_image: ClassVar[bool] = False
+    generates: ClassVar[bool] = False                 # a causal LM: decode cost and KV cache apply
 
     def __init__(self, config: Any):
         self.config = config
@@ -51,7 +52,8 @@ class Adapter:
         raise NotImplementedError
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """An nn.Module with a positional forward over `example_inputs` returning one tensor."""
+        """An nn.Module with a positional forward over `example_inputs` returning one tensor.
+        Families with `generates` also take `last_logits=True` (only the last position's logits)."""
         raise NotImplementedError
 
     def example_inputs(self, shape: ExampleShape, seed: int) -> tuple[torch.Tensor, ...]:
@@ -75,6 +77,19 @@ class Adapter:
     def layer_dims(self, domain: str) -> tuple[int, int, int]:
         """(hidden d, FFN width m, FFN matrices: 3 for SwiGLU, 2 for a plain MLP) for FLOPs."""
         return self.config.hidden_size, self.config.intermediate_size, 2
+
+    def decoder(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """Families with `generates`: the Llama-style decoder (embed_tokens, layers, norm, rotary_emb)
+        and the LM head, for the decode step."""
+        raise NotImplementedError(f"family {self.family} does not generate")
+
+    def attention_dims(self, domain: str) -> tuple[int, int]:
+        """(query/output width heads x head_dim, key/value width kv_heads x head_dim) for FLOPs."""
+        return self.config.hidden_size, self.config.hidden_size
+
+    def fixed_macs(self, inputs: dict[str, Any]) -> dict[str, int]:
+        """MACs of the parts no site can prune (e.g. a VLM's vision tower), by part, per row."""
+        return {}
 
     def tokens_at_input(self, domain: str, inputs: dict[str, Any]) -> int:
         """Sequence length a domain's layers see at the spec's example shapes, before pruning."""
@@ -102,6 +117,12 @@ class Adapter:
     def output_cut(self, gm: fx.GraphModule, site: str) -> tuple[fx.Node, fx.Node]:
         """For a non-layer site: (the node after which to cut, the [B, S, D] value at the cut)."""
         raise NotImplementedError
+
+
+def llama_attention_dims(config) -> tuple[int, int]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_attention_heads * head_dim, kv_heads * head_dim
 
 
 def batch_dim() -> Dim:

@@ -5,22 +5,24 @@ from __future__ import annotations
 import torch
 
 from . import register_adapter
-from .base import Domain, TextAdapter
+from .base import Domain, TextAdapter, llama_attention_dims
 
 
 class _CausalLM(torch.nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, last_logits: bool):
         super().__init__()
-        self.hf = model
+        self.hf, self.logits_to_keep = model, int(last_logits)  # 0 = every position
 
     def forward(self, input_ids, attention_mask):
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=self.logits_to_keep).logits
 
 
 @register_adapter
 class LlamaAdapter(TextAdapter):
     family = "llama"
     model_types = ("llama",)
+    generates = True
 
     def domains(self):
         return {"llm": Domain("llm", "hf.model.layers", self.config.num_hidden_layers, "hf.model.rotary_emb")}
@@ -28,5 +30,11 @@ class LlamaAdapter(TextAdapter):
     def layer_dims(self, domain):
         return self.config.hidden_size, self.config.intermediate_size, 3
 
-    def wrap(self, model):
-        return _CausalLM(model)
+    def decoder(self, model):
+        return model.model, model.lm_head
+
+    def attention_dims(self, domain):
+        return llama_attention_dims(self.config)
+
+    def wrap(self, model, last_logits: bool = False):
+        return _CausalLM(model, last_logits)

@@ -13,7 +13,7 @@ from torch.export import Dim
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import register_adapter
-from .base import Adapter, Domain, ExampleShape, batch_dim, module_path, random_token_ids
+from .base import Adapter, Domain, ExampleShape, batch_dim, llama_attention_dims, module_path, random_token_ids
 
 _LLM = "hf.model.language_model"
 _PROJECTOR = "hf.model.multi_modal_projector"
@@ -23,9 +23,9 @@ class _Llava(torch.nn.Module):
     """Runs the vision tower and projector itself and hands HF the features as one tensor: HF's
     `get_image_features` returns `list(features)`, which would bake the image count into the graph."""
 
-    def __init__(self, model):
+    def __init__(self, model, last_logits: bool):
         super().__init__()
-        self.hf = model
+        self.hf, self.logits_to_keep = model, int(last_logits)  # 0 = every position
 
     def forward(self, input_ids, attention_mask, pixel_values):
         config, llava = self.hf.config, self.hf.model
@@ -38,7 +38,7 @@ class _Llava(torch.nn.Module):
         projected = llava.multi_modal_projector(features)
         image = BaseModelOutputWithPooling(pooler_output=(projected.flatten(0, 1),))
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs={"image": image},
-                       use_cache=False).logits
+                       use_cache=False, logits_to_keep=self.logits_to_keep).logits
 
 
 @register_adapter
@@ -50,6 +50,7 @@ class LlavaAdapter(Adapter):
     output_sites = {"projector.output": "llm"}
     needs_seq_len = True
     needs_image = True
+    generates = True
 
     def domains(self):
         text = self.config.text_config
@@ -59,8 +60,24 @@ class LlavaAdapter(Adapter):
         text = self.config.text_config
         return text.hidden_size, text.intermediate_size, 3
 
-    def wrap(self, model):
-        return _Llava(model)
+    def decoder(self, model):
+        return model.model.language_model, model.lm_head
+
+    def attention_dims(self, domain):
+        return llama_attention_dims(self.config.text_config)
+
+    def fixed_macs(self, inputs):
+        """The vision tower (HF runs all its layers; two-matrix MLPs) and the projector, per image."""
+        vision, text = self.config.vision_config, self.config.text_config
+        n = (inputs["image_size"] // vision.patch_size) ** 2 + 1  # patches + [CLS]
+        d, m = vision.hidden_size, vision.intermediate_size
+        tower = vision.num_hidden_layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+        image_tokens = self.image_tokens_per_image()
+        projector = image_tokens * (d * text.hidden_size + text.hidden_size * text.hidden_size)
+        return {"vision tower": tower, "projector": projector}
+
+    def wrap(self, model, last_logits: bool = False):
+        return _Llava(model, last_logits)
 
     def input_names(self):
         return ("input_ids", "attention_mask", "pixel_values")

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-SIGNALS = ("attention_qk", "hidden")
+# attention_qk: the site layer's own post-RoPE q/k (read from its sdpa call);
+# next_layer_qk: the next layer's q (last row) and k recomputed on the site's hidden states;
+# hidden: the residual stream at the site.
+SIGNALS = ("attention_qk", "next_layer_qk", "hidden")
 
 
 @dataclass(frozen=True)
@@ -51,4 +54,4 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-from . import divprune, fastv  # noqa: E402,F401  (registration side effect, explicit list)
+from . import divprune, fastv, pyramiddrop  # noqa: E402,F401  (registration side effect, explicit list)

@@ -20,14 +20,15 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | No
     """Head-averaged attention each key receives from the chosen queries.
 
     Args:
-        q: [B, H, S, hd] queries after RoPE. k: [B, H, S, hd] keys after RoPE (KV heads repeated).
+        q: [B, H, R, hd] queries after RoPE for the last R positions (R = S, or 1 when only the
+            last row was computed). k: [B, H or H_kv, S, hd] keys after RoPE.
         mask: None, or a bool (True = attend) / additive float mask broadcastable to [B, H, S, S].
         scale: softmax scale. is_causal: apply a causal mask on top of `mask`.
         query: "last" (official code: the last row) or "all" (paper: mean over every query that
             attends to at least one key).
     Returns: [B, S] float32 scores.
     """
-    seq = q.shape[-2]
+    seq = k.shape[-2]
     if k.shape[1] != q.shape[1]:  # grouped-query attention with un-repeated KV heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     rows = q[..., -1:, :] if query == "last" else q
