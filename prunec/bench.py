@@ -84,8 +84,38 @@ def _median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1e3, 2)
 
 
+def _generation(artifacts: dict[str, Path], inputs: tuple, new_tokens: int, rounds: int) -> dict:
+    """Time to first token and decode tokens/s of prunec's generation path, unpruned vs pruned,
+    alternating; KV-cache bytes as the prefill returns them."""
+    from .generate import Generator
+
+    generators = {name: Generator(path) for name, path in artifacts.items()}
+    ttft: dict[str, list[float]] = {name: [] for name in generators}
+    decode: dict[str, list[float]] = {name: [] for name in generators}
+    kv_bytes = {}
+    for name, generator in generators.items():  # warm-up, and the cache sizes
+        _, keys, values, _ = generator.prefill_caches(*inputs)
+        kv_bytes[name] = sum(t.numel() * t.element_size() for t in keys + values)
+        generator.generate(*inputs, max_new_tokens=2, eos_token_id=None)
+    for _ in range(rounds):
+        for name, generator in generators.items():
+            first = _timed(generator.prefill_caches, inputs)
+            total = _timed(lambda *x: generator.generate(*x, max_new_tokens=new_tokens, eos_token_id=None), inputs)
+            ttft[name].append(first)
+            decode[name].append(max(total - first, 1e-9))
+    return {
+        "new_tokens": new_tokens,
+        "ttft_ms": {name: _median_ms(samples) for name, samples in ttft.items()},
+        "decode_tokens_per_s": {name: round((new_tokens - 1) / statistics.median(samples), 2)
+                                for name, samples in decode.items()},
+        "kv_cache_bytes": kv_bytes,
+        "note": "both sides run prunec's prefill + decode-step programs (the unpruned one from a keep-everything "
+                "build of the same model); decode time = generate time - prefill time",
+    }
+
+
 def run_bench(plan: Plan, artifact: Path, build_seconds: float | None, rounds: int = 10, warmup: int = 2,
-              eager: bool = True) -> dict:
+              eager: bool = True, unpruned_artifact: Path | None = None, new_tokens: int = 32) -> dict:
     """Time the three ways on the spec's example inputs; the returned dict is `--json`'s output."""
     from . import load
 
@@ -135,6 +165,9 @@ def run_bench(plan: Plan, artifact: Path, build_seconds: float | None, rounds: i
         "peak_activation_bytes": {name: prof[2] for name, prof in profiled.items()},
         "build_seconds": None if build_seconds is None else round(build_seconds, 2),
     }
+    if unpruned_artifact is not None:
+        report["generation"] = _generation({"unpruned": unpruned_artifact, "prunec": artifact}, inputs,
+                                           new_tokens, max(1, rounds // 2))
     if "eager way" in ways:
         report["speedup_over_eager_way"] = round(medians["eager way"] / medians["prunec"], 3)
         report["eager_way_max_abs_diff"] = float((outputs["eager way"] - outputs["prunec"]).abs().max())
@@ -143,16 +176,26 @@ def run_bench(plan: Plan, artifact: Path, build_seconds: float | None, rounds: i
     return report
 
 
-def bench_spec(spec_path: str | Path, rounds: int = 10, warmup: int = 2, eager: bool = True) -> dict:
-    """Build the spec into a temporary directory (timing the build), then `run_bench`."""
+def bench_spec(spec_path: str | Path, rounds: int = 10, warmup: int = 2, eager: bool = True,
+               new_tokens: int = 32) -> dict:
+    """Build the spec into a temporary directory (timing the build), then `run_bench`. A spec with
+    `decode:` also gets a keep-everything build of the same model, for the generation timings."""
     from . import build, plan as make_plan
+    from .semantics import dump_lock
 
     plan = make_plan(spec_path)
     with tempfile.TemporaryDirectory(prefix="prunec-bench-") as scratch:
         start = time.perf_counter()
         artifact = build(spec_path, scratch)
         build_seconds = time.perf_counter() - start
-        return run_bench(plan, artifact, build_seconds, rounds=rounds, warmup=warmup, eager=eager)
+        unpruned = None
+        if "decode" in plan.lock:
+            lock = {**plan.lock, "name": f"{plan.lock['name']}-unpruned", "pipeline": []}
+            spec = Path(scratch) / "unpruned.yaml"
+            spec.write_text(dump_lock(lock))
+            unpruned = build(spec, Path(scratch) / "unpruned")
+        return run_bench(plan, artifact, build_seconds, rounds=rounds, warmup=warmup, eager=eager,
+                         unpruned_artifact=unpruned, new_tokens=new_tokens)
 
 
 def format_report(report: dict) -> str:
@@ -177,6 +220,13 @@ def format_report(report: dict) -> str:
                      f"(same selection; max |logit diff| {report['eager_way_max_abs_diff']:.1e})")
     else:
         lines.append(f"eager-attention way: {report['eager_way']}")
+    if "generation" in report:
+        g = report["generation"]
+        lines.append(f"generation, {g['new_tokens']} new tokens (prunec's decode path, unpruned vs pruned):")
+        for name in g["ttft_ms"]:
+            lines.append(f"  {name:<10} time to first token {g['ttft_ms'][name]:>9.1f} ms   decode "
+                         f"{g['decode_tokens_per_s'][name]:>8.1f} tokens/s   KV cache "
+                         f"{g['kv_cache_bytes'][name] / 2**20:8.2f} MiB")
     if report["build_seconds"] is not None:
         lines.append(f"build: {report['build_seconds']:.1f} s")
     return "\n".join(lines)

@@ -158,6 +158,7 @@ def bench(spec: Path = typer.Argument(..., help="spec file"),
           warmup: int = typer.Option(2, min=1, help="untimed rounds first"),
           threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: OMP_NUM_THREADS or torch's)"),
           eager: bool = typer.Option(True, "--eager/--no-eager", help="also time the eager-attention way"),
+          new_tokens: int = typer.Option(32, "--new-tokens", min=2, help="tokens generated per timing (specs with decode:)"),
           as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
     """Build the spec, then time unpruned vs emitted vs the eager-attention way, with FLOPs ideals."""
     import torch
@@ -167,7 +168,7 @@ def bench(spec: Path = typer.Argument(..., help="spec file"),
     if threads:
         torch.set_num_threads(threads)
     try:
-        report = bench_spec(spec, rounds=rounds, warmup=warmup, eager=eager)
+        report = bench_spec(spec, rounds=rounds, warmup=warmup, eager=eager, new_tokens=new_tokens)
     except PrunecError as exc:
         _fail(exc)
     typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))

@@ -22,14 +22,14 @@ def prompt_inputs(generator, artifact: Path, prompt: str | None, image: Path | N
     if image is not None:
         raise PrunecError("--image needs --prompt (the processor places the image tokens)")
     if input_ids is not None:
-        if adapter.needs_image:
-            raise PrunecError(f"family {adapter.family} takes an image: use --prompt with --image, or no prompt")
         try:
             ids = torch.tensor([[int(t) for t in input_ids.split()]])
         except ValueError:
             raise PrunecError(f"--input-ids must be space-separated integers, got {input_ids!r}") from None
         if ids.numel() == 0:
             raise PrunecError("--input-ids is empty")
+        if adapter.needs_image:
+            raise PrunecError(f"family {adapter.family} takes an image: use --prompt with --image, or no prompt")
         return (ids, torch.ones_like(ids)), None, None
     inputs = lock["inputs"]
     shape = ExampleShape(1, inputs.get("seq_len"), inputs.get("image_size"))

@@ -36,6 +36,7 @@ def test_bench_report_is_consistent_and_the_eager_way_keeps_the_same_tokens(tmp_
         model: {{builtin: tiny-llava}}
         inputs: {{batch: 3, seq_len: 40}}
         output: {{logits: last}}
+        decode: {{policy: static}}
         pipeline: {PIPELINES[name]}
     """)
     result = CliRunner().invoke(app, ["bench", str(spec), "--rounds", "2", "--warmup", "1", "--threads", "1", "--json"])
@@ -50,6 +51,14 @@ def test_bench_report_is_consistent_and_the_eager_way_keeps_the_same_tokens(tmp_
     assert report["eager_way_max_abs_diff"] < 1e-5
     assert 0 < report["prunec_ops_share"] < 1 and report["threads"] == 1
     assert all(v is None or v > 0 for v in report["peak_activation_bytes"].values())
+    generation = report["generation"]
+    assert set(generation["ttft_ms"]) == set(generation["decode_tokens_per_s"]) == {"unpruned", "prunec"}
+    config = prunec.plan(spec).adapter.config.text_config
+    per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4  # K+V, fp32
+    # 16 image tokens: 12 enter the LLM, then 8, 4 and 2 are kept after layers 0, 1, 2
+    dropped_before = {"fastv+pyramiddrop": [4, 8, 12, 14], "fastv-last-layer-all-queries": [0, 0, 0, 0]}[name]
+    assert generation["kv_cache_bytes"]["prunec"] == 3 * per_token * sum(40 - d for d in dropped_before)
+    assert generation["kv_cache_bytes"]["unpruned"] == 3 * per_token * 40 * 4
 
 
 def test_bench_says_why_there_is_no_eager_way(tmp_path):

@@ -278,3 +278,14 @@ def test_emitted_module_runs_under_torch_compile(build):
     compiled = torch.compile(module, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids, mask, pixels), module(ids, mask, pixels), atol=ATOL, rtol=0)
+
+
+def test_last_logits_output_is_the_last_row_of_the_reference(build):
+    plan, module, _ = build(LLAVA_SPECS["pyramiddrop"].replace("pipeline:", "output: {logits: last}\n        pipeline:"))
+    reference = LlavaReference(_hf(plan), _reference_stages(plan))
+    ids, mask, pixels = llava_inputs(reference.model.config, [0, 2, 5], seq_len=30, seed=21)
+    with torch.no_grad():
+        actual = module(ids, mask, pixels)
+    expected = reference(ids, mask, pixels)
+    assert actual.shape == (3, 1, expected.shape[-1])
+    torch.testing.assert_close(actual, expected[:, -1:], atol=ATOL, rtol=0)

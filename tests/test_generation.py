@@ -172,3 +172,56 @@ def test_rows_stop_at_eos_and_pad_after(build):
             assert (stopped[b, at + 1:] == generator.pad_token_id).all()
     if all(at is not None for at in first_eos):
         assert stopped.shape[1] == max(first_eos) + 1
+
+
+def test_cli_generate_prints_what_the_api_generates(build):
+    from typer.testing import CliRunner
+
+    from prunec.adapters.base import ExampleShape
+    from prunec.cli import app
+
+    plan, _, artifact = build(_spec("gen-fastv", "tiny-llava", PRUNED["fastv"]))
+    result = CliRunner().invoke(app, ["generate", str(artifact), "--max-new-tokens", "8", "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    inputs = plan.adapter.example_inputs(ExampleShape(1, 30, 28), 4)
+    expected = Generator(artifact).generate(*inputs, max_new_tokens=8)
+    assert result.output.strip().splitlines()[-1] == " ".join(map(str, expected[0].tolist()))
+
+    _, _, llama = build(_spec("gen-keep-llama", "tiny-llama", "[]", seq_len=12))
+    result = CliRunner().invoke(app, ["generate", str(llama), "--input-ids", "5 6 7 8 9", "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    expected = Generator(llama).generate(ids, torch.ones_like(ids), max_new_tokens=6)
+    assert result.output.strip() == " ".join(map(str, expected[0].tolist()))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "hello"], "no tokenizer"),
+    (["--input-ids", "1 2 3"], "takes an image"),
+    (["--input-ids", "1 x"], "must be space-separated integers"),
+    (["--sample", "--temperature", "0"], "temperature must be > 0"),
+])
+def test_cli_generate_rejects_bad_requests(build, args, message):
+    from typer.testing import CliRunner
+
+    from prunec.cli import app
+
+    _, _, artifact = build(_spec("gen-fastv", "tiny-llava", PRUNED["fastv"]))
+    result = CliRunner().invoke(app, ["generate", str(artifact), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_generate_needs_an_artifact_built_with_decode(build):
+    from typer.testing import CliRunner
+
+    from prunec.cli import app
+
+    _, _, artifact = build("""
+        prunec: 1
+        name: no-decode
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 30}
+        pipeline: []
+    """)
+    result = CliRunner().invoke(app, ["generate", str(artifact)])
+    assert result.exit_code == 2 and "built without `decode:`" in result.output, result.output

@@ -121,6 +121,14 @@ CASES = [
     ("seq-len-beyond-positions", {"s.yaml": variant(replace={7: "  seq_len: 100000"})}, 7, "18..512"),
     ("nul-in-extends", {"s.yaml": "prunec: 1\nextends: \"a\\0b.yaml\"\nname: x\n"}, 2, "without NUL"),
     ("negative-seed", {"s.yaml": variant(replace={4: "  builtin: tiny-llava\n  seed: -1"})}, 5, "expected a number >= 0"),
+    ("decode-dynamic-not-yet", {"s.yaml": variant(append="decode: {policy: dynamic}\n")}, 12, "not implemented yet"),
+    ("decode-on-a-vision-model", {"s.yaml": "prunec: 1\nname: v\nmodel: {builtin: tiny-vit}\npipeline: []\n"
+                                            "decode: {policy: static}\n"}, 5, "does not generate"),
+    ("last-logits-on-a-vision-model", {"s.yaml": "prunec: 1\nname: v\nmodel: {builtin: tiny-vit}\npipeline: []\n"
+                                                 "output: {logits: last}\n"}, 5, "applies to causal LMs"),
+    ("pyramiddrop-at-the-last-layer", {"s.yaml": variant(replace={9: "  - site: llm.layers[3]",
+                                                                  10: "    method: pyramiddrop"})}, 9,
+     "is the last layer"),
 ]
 
 
