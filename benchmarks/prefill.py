@@ -2,6 +2,7 @@
 benchmarks/specs/ (the LLaVA-shaped workload described in base.yaml).
 
     OMP_NUM_THREADS=1 python benchmarks/prefill.py [--rounds N] [--json out.json]
+    python benchmarks/prefill.py --from-json docs/benchmarks-prefill.json   # re-print a recorded run
 
 Each spec is built (timed), then the unpruned model, the emitted module and the eager-attention way
 run alternately (A B C A B C ...) after a warm-up; medians are reported.
@@ -25,17 +26,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write every report here")
+    parser.add_argument("--from-json", type=Path, help="print the tables of a recorded run instead of running")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    reports = []
-    for name in RUNS:
-        report = bench_spec(SPECS / name, rounds=args.rounds)
-        reports.append(report)
-        print(f"done: {name}", flush=True)
+    if args.from_json:
+        reports = json.loads(args.from_json.read_text())
+    else:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        reports = []
+        for name in RUNS:
+            reports.append(bench_spec(SPECS / name, rounds=args.rounds))
+            print(f"done: {name}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(reports, indent=2) + "\n")
+    print_tables(reports)
+
+
+def print_tables(reports: list[dict]) -> None:
     first = reports[0]
     print(f"\n{first['machine']}, {first['threads']} thread(s), "
           + ", ".join(f"{k} {v}" for k, v in first["versions"].items() if k in ("torch", "transformers"))
-          + f", {args.rounds} rounds, medians\n")
+          + f", {first['rounds']} rounds, medians\n")
     print("| spec | unpruned ms | prunec ms | eager way ms | speedup | ideal (exact FLOPs) | efficiency | "
           "prunec ops share | rescoring FLOPs share | over eager way | build s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -50,8 +60,16 @@ def main() -> None:
     for r in reports:
         peaks = " / ".join("n/a" if v is None else f"{v / 2**20:.0f}" for v in r["peak_activation_bytes"].values())
         print(f"| {r['spec']} | {peaks} | {r.get('eager_way_max_abs_diff', float('nan')):.1e} |")
-    if args.json:
-        args.json.write_text(json.dumps(reports, indent=2))
+    generated = [r for r in reports if "generation" in r]
+    if generated:
+        print(f"\n| spec | time to first token ms, unpruned / pruned | decode tokens/s, unpruned / pruned | "
+              f"KV cache MiB, unpruned / pruned ({generated[0]['generation']['new_tokens']} new tokens) |")
+        print("|---|---|---|---|")
+        for r in generated:
+            g = r["generation"]
+            print(f"| {r['spec']} | {g['ttft_ms']['unpruned']:.0f} / {g['ttft_ms']['prunec']:.0f} | "
+                  f"{g['decode_tokens_per_s']['unpruned']:.1f} / {g['decode_tokens_per_s']['prunec']:.1f} | "
+                  f"{g['kv_cache_bytes']['unpruned'] / 2**20:.1f} / {g['kv_cache_bytes']['prunec'] / 2**20:.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Pruning ops as torch.library custom ops in the `prunec` namespace.
 
-Each op has a fake implementation, so it survives torch.export and torch.compile. The real
-implementation is torch on every device today; Triton kernels plug in behind the same ops.
+Each op has a fake implementation, so it survives torch.export and torch.compile. On CUDA tensors
+(with Triton installed) `attention_received` and `gather_tokens` run Triton kernels
+(`prunec/kernels/`); everywhere else, and for the other ops, they run torch.
 Selection ops return sorted keep indices over the whole sequence: every non-candidate token plus the
 kept candidates, so all rows keep the same count.
 """
@@ -11,8 +12,10 @@ from typing import List, Optional
 
 import torch
 
+from .kernels import use_triton
 from .methods.divprune import divprune_keep
 from .methods.fastv import attention_received as _attention_received
+from .methods.fastv import reduce_rows
 
 
 def _candidate_positions(candidates: torch.Tensor, n_candidates: int) -> torch.Tensor:
@@ -43,6 +46,11 @@ def _keep_shape(candidates: torch.Tensor, n_candidates: int, n_keep: int) -> tor
 def attention_received(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
                        is_causal: bool, query: str) -> torch.Tensor:
     """Head-averaged attention each token receives from the chosen query rows: [B, S] float32."""
+    if use_triton(q, k) and q.shape[-1] & (q.shape[-1] - 1) == 0:
+        from .kernels.attention_rows import attention_rows
+
+        rows = q[..., -1:, :] if query == "last" else q
+        return reduce_rows(attention_rows(rows, k, mask, scale, is_causal), query)
     return _attention_received(q, k, mask, scale, is_causal, query)
 
 
@@ -81,6 +89,13 @@ def _(hidden, candidates, n_candidates, n_keep):
 @torch.library.custom_op("prunec::gather_tokens", mutates_args=())
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, dims: List[int]) -> torch.Tensor:
     """Apply [B, K] keep indices along each token axis in `dims` (dim 0 is batch, size 1 broadcasts)."""
+    if use_triton(x, index):
+        from .kernels.gather import gather_rows
+
+        out = x
+        for dim in dims:  # the kernel gathers dim 1; move each token axis there and back
+            out = gather_rows(out.movedim(dim, 1), index).movedim(1, dim)
+        return out.contiguous()
     batch, kept = index.shape
     out = x.expand(batch, *x.shape[1:]) if x.shape[0] != batch else x
     for dim in dims:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: kernels run on CPU
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -44,10 +44,15 @@ def attention_received(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | No
         row_pos = torch.arange(first_row, seq, device=q.device)[:, None]
         col_pos = torch.arange(seq, device=q.device)[None, :]
         logits = logits.masked_fill(col_pos > row_pos, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).mean(dim=1)  # [B, R, S]
+    return reduce_rows(torch.softmax(logits, dim=-1).mean(dim=1), query)
+
+
+def reduce_rows(probs: torch.Tensor, query: str) -> torch.Tensor:
+    """[B, R, S] head-mean attention rows -> [B, S]: the last row, or the mean over the rows that
+    attend to at least one key (a fully masked row, e.g. left padding, is NaN and left out)."""
     if query == "last":
-        return probs[:, 0]
-    valid = ~torch.isnan(probs).any(dim=-1, keepdim=True)  # fully masked query rows give NaN
+        return probs[:, -1]
+    valid = ~torch.isnan(probs).any(dim=-1, keepdim=True)
     probs = torch.where(valid, probs, torch.zeros_like(probs))
     return probs.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
 

@@ -1,0 +1,84 @@
+"""Triton kernels against their torch implementations: time and effective bandwidth.
+
+    python benchmarks/kernels.py                 # on a CUDA machine: the real measurement
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # CPU: checks the script runs (times meaningless)
+
+Each pair runs alternately (A B A B ...) after a warm-up; medians of CUDA-event (or wall-clock)
+times. Effective bandwidth = bytes the kernel must read and write / time. Sizes follow the issue:
+a residual-stream gather of 576 -> 144 visual tokens x 4096, attention rows for 1-64 queries
+against 4096 keys (32 heads, head_dim 128), token transitions over 4096 tokens x 4096.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from prunec.kernels.attention_rows import attention_rows, attention_rows_torch
+from prunec.kernels.gather import gather_rows, gather_rows_torch
+from prunec.kernels.token_transition import token_transition, token_transition_torch
+
+
+def _time(fn, device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def compare(name: str, triton_fn, torch_fn, moved_bytes: int, rounds: int, device: str) -> str:
+    for fn in (triton_fn, torch_fn):
+        fn()
+    samples = {"triton": [], "torch": []}
+    for _ in range(rounds):
+        samples["triton"].append(_time(triton_fn, device))
+        samples["torch"].append(_time(torch_fn, device))
+    t, r = statistics.median(samples["triton"]), statistics.median(samples["torch"])
+    return (f"| {name} | {t * 1e6:.1f} | {r * 1e6:.1f} | {r / t:.2f}x | {moved_bytes / t / 1e9:.0f} | "
+            f"{moved_bytes / r / 1e9:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on CPU")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--rounds", type=int, default=50)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    hidden, tokens, kept = (64, 40, 10) if args.smoke else (4096, 576, 144)
+    heads, head_dim, keys = (4, 16, 50) if args.smoke else (32, 128, 4096)
+    rounds = 3 if args.smoke else args.rounds
+    element = torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(0)
+    lines = [f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}, {args.dtype}, "
+             f"torch {torch.__version__}, medians of {rounds}",
+             "| kernel | triton us | torch us | speedup | triton GB/s | torch GB/s |", "|---|---|---|---|---|---|"]
+
+    x = torch.randn(1, tokens, hidden, generator=gen).to(device, dtype)
+    index = torch.randperm(tokens, generator=gen)[:kept].sort().values[None].to(device)
+    lines.append(compare(f"gather {tokens}->{kept} x {hidden}", lambda: gather_rows(x, index),
+                         lambda: gather_rows_torch(x, index), 2 * kept * hidden * element, rounds, device))
+    for rows in (1, 8, 64):
+        q = torch.randn(1, heads, rows, head_dim, generator=gen).to(device, dtype)
+        k = torch.randn(1, heads, keys, head_dim, generator=gen).to(device, dtype)
+        lines.append(compare(f"attention rows {rows} x {keys} keys", lambda: attention_rows(q, k, None, head_dim ** -0.5, False),
+                             lambda: attention_rows_torch(q, k, None, head_dim ** -0.5, False),
+                             k.numel() * element + rows * keys * 4, rounds, device))
+    a = torch.randn(1, keys, hidden, generator=gen).to(device, dtype)
+    b = torch.randn(1, keys, hidden, generator=gen).to(device, dtype)
+    lines.append(compare(f"token transition {keys} x {hidden}", lambda: token_transition(a, b),
+                         lambda: token_transition_torch(a, b), 2 * a.numel() * element, rounds, device))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
