@@ -233,7 +233,7 @@ def viz(target: Path = typer.Argument(..., help="artifact directory, or a spec (
         with tempfile.TemporaryDirectory() as scratch:
             artifact = target if target.is_dir() else build_artifact(target, Path(scratch))
             the_plan = plan(artifact / "spec.lock.yaml")
-            if the_plan.adapter.span is None:
+            if not the_plan.adapter.needs_image:
                 raise PrunecError(f"family {the_plan.adapter.family} has no image patches to draw")
             drawing, kept = keep_map(the_plan, load(artifact), picture, seed)
     except PrunecError as exc:

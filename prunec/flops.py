@@ -106,7 +106,7 @@ def _paper_style(plan: Plan, tokens: str, ffn: int) -> dict | None:
         lengths = domain_lengths(plan, name)
         column = 0 if tokens == "full" else 1
         full = domain_input(plan, name)[column]
-        if full == 0:
+        if column == 1 and (full == 0 or not plan.adapter.needs_image):
             return None  # no image tokens: convention (b) does not apply
         baseline += len(lengths) * layer_macs(full, d, m, ffn)
         pruned += sum(layer_macs(row[column], d, m, ffn) for row in lengths)

@@ -125,3 +125,15 @@ def span_mask(x: torch.Tensor, first: int) -> torch.Tensor:
 @span_mask.register_fake
 def _(x, first):
     return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.bool)
+
+
+@torch.library.custom_op("prunec::prefix_mask", mutates_args=())
+def prefix_mask(x: torch.Tensor, protect_last: int) -> torch.Tensor:
+    """[B, S] bool, True before the last `protect_last` tokens: the candidates of a text sequence."""
+    positions = torch.arange(x.shape[1], device=x.device)
+    return (positions < x.shape[1] - protect_last).expand(x.shape[0], -1).clone()
+
+
+@prefix_mask.register_fake
+def _(x, protect_last):
+    return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.bool)

@@ -18,7 +18,7 @@ def prompt_inputs(generator, artifact: Path, prompt: str | None, image: Path | N
     if prompt is not None and input_ids is not None:
         raise PrunecError("give --prompt or --input-ids, not both")
     if prompt is not None:
-        return _from_prompt(lock, adapter, prompt, image)
+        return _from_prompt(lock, generator, prompt, image)
     if image is not None:
         raise PrunecError("--image needs --prompt (the processor places the image tokens)")
     if input_ids is not None:
@@ -30,13 +30,14 @@ def prompt_inputs(generator, artifact: Path, prompt: str | None, image: Path | N
             raise PrunecError("--input-ids is empty")
         if adapter.needs_image:
             raise PrunecError(f"family {adapter.family} takes an image: use --prompt with --image, or no prompt")
-        return (ids, torch.ones_like(ids)), None, None
+        return _fit_text(lock, generator, ids, torch.ones_like(ids)), None, None
     inputs = lock["inputs"]
     shape = ExampleShape(1, inputs.get("seq_len"), inputs.get("image_size"))
     return adapter.example_inputs(shape, seed), None, f"no prompt: seeded example inputs {shape} (seed {seed})"
 
 
-def _from_prompt(lock: dict, adapter, prompt: str, image: Path | None):
+def _from_prompt(lock: dict, generator, prompt: str, image: Path | None):
+    adapter = generator.adapter
     if "path" not in lock["model"]:
         raise PrunecError("this model was built from a config (no tokenizer); use --input-ids or no prompt")
     path = lock["model"]["path"]
@@ -54,4 +55,17 @@ def _from_prompt(lock: dict, adapter, prompt: str, image: Path | None):
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     batch = tokenizer(prompt, return_tensors="pt")
-    return (batch["input_ids"], batch["attention_mask"]), tokenizer, None
+    return _fit_text(lock, generator, batch["input_ids"], batch["attention_mask"]), tokenizer, None
+
+
+def _fit_text(lock: dict, generator, ids: torch.Tensor, mask: torch.Tensor):
+    """Text pruning budgets were resolved for the spec's seq_len: left-pad a shorter prompt to it."""
+    if not lock["pipeline"]:
+        return ids, mask
+    seq_len = lock["inputs"]["seq_len"]
+    if ids.shape[1] > seq_len:
+        raise PrunecError(f"the prompt has {ids.shape[1]} tokens; this artifact prunes text with budgets "
+                          f"resolved for seq_len {seq_len}, so prompts may be at most that long")
+    pad = seq_len - ids.shape[1]
+    ids = torch.cat([ids.new_full((ids.shape[0], pad), generator.pad_token_id), ids], dim=1)
+    return ids, torch.cat([mask.new_zeros((mask.shape[0], pad)), mask], dim=1)

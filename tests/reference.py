@@ -74,26 +74,32 @@ def pyramiddrop_last_row(layer, hidden, cos, sin, mask):
     return torch.stack(rows)
 
 
-class LlavaReference:
-    """Runs an HF LLaVA (eager attention) with hooks applying DivPrune before the LLM and/or FastV /
-    PyramidDrop after decoder layer i. `stages`: dicts with kind ('divprune' | 'fastv' |
-    'pyramiddrop'), n_keep, and for the others `layer`, `positions` ('keep_original' | 'renumber')
-    and, for fastv, `query` ('last' | 'all')."""
+class HookReference:
+    """Runs an HF LLaVA or Llama (eager attention) with hooks applying DivPrune before the LLM and/or
+    FastV / PyramidDrop after decoder layer i. Candidates: LLaVA's image tokens; for Llama every
+    token but the last. `stages`: dicts with kind ('divprune' | 'fastv' | 'pyramiddrop'), n_keep, and
+    for the others `layer`, `positions` ('keep_original' | 'renumber') and, for fastv, `query`
+    ('last' | 'all')."""
 
     def __init__(self, model, stages: list[dict]):
         self.model, self.stages = model, stages
         model.set_attn_implementation("eager")
+        self.is_llava = hasattr(model.model, "language_model")
+        self.lm = model.model.language_model if self.is_llava else model.model
+
+    def _candidates(self, input_ids):
+        if self.is_llava:
+            return [torch.nonzero(r == self.model.config.image_token_id).flatten().tolist() for r in input_ids]
+        return [list(range(input_ids.shape[1] - 1)) for _ in input_ids]
 
     @torch.no_grad()
-    def __call__(self, input_ids, attention_mask, pixel_values, cache=None):
+    def __call__(self, input_ids, attention_mask, pixel_values=None, cache=None):
         """Logits of the pruned forward. With a DynamicCache, each layer stores the K/V of the tokens
         it kept, `self.layer_masks[i]` is the 4-D mask layer i used, and `self.last_position[b]` is the
         rotary position row b's last token has in the last layer."""
-        lm = self.model.model.language_model
+        lm = self.lm
         self.layer_masks = {}
-        image_id = self.model.config.image_token_id
-        state = {"cands": [torch.nonzero(r == image_id).flatten().tolist() for r in input_ids],
-                 "cur": None, "pending": None, "attn": None, "pos": None}
+        state = {"cands": self._candidates(input_ids), "cur": None, "pending": None, "attn": None, "pos": None}
         state["patches"] = [list(range(len(c))) for c in state["cands"]]  # patch id of each candidate
         self.kept = []  # per stage: the set of patch ids row 0 still holds
 
@@ -193,7 +199,7 @@ class LlavaReference:
             return None
 
         try:
-            if any(s["kind"] == "divprune" for s in self.stages):
+            if any(s["kind"] == "divprune" and s["layer"] is None for s in self.stages):
                 handles.append(lm.register_forward_pre_hook(pre_llm, with_kwargs=True))
             for stage in self.stages:
                 if stage["kind"] == "fastv":
@@ -201,9 +207,12 @@ class LlavaReference:
             for i, layer in enumerate(lm.layers):
                 handles.append(layer.register_forward_pre_hook(before_layer(i), with_kwargs=True))
             handles.append(lm.norm.register_forward_pre_hook(before_norm))
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                                past_key_values=cache, use_cache=cache is not None).logits
+            images = {"pixel_values": pixel_values} if self.is_llava else {}
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                use_cache=cache is not None, **images).logits
             length = self.layer_masks[0].shape[-1]  # tokens entering the LLM
+            # which LLM-input tokens each row still holds at the end (for in-LLM cuts)
+            self.final_tokens = state["cur"] or [list(range(length)) for _ in range(input_ids.shape[0])]
             self.last_position = ([p[-1] for p in state["pos"]] if state["pos"] is not None
                                   else [length - 1] * input_ids.shape[0])
             return logits
@@ -212,13 +221,13 @@ class LlavaReference:
                 h.remove()
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, pixel_values, max_new_tokens: int):
+    def generate(self, input_ids, attention_mask, pixel_values=None, *, max_new_tokens: int):
         """Greedy decoding with HF's own DynamicCache: prune at prefill (static policy), then feed one
         token at a time through the decoder layers, each against the keys it kept, the new token at
         the position after the last token's final one. Returns (token ids [B, T], logits [B, T, V])."""
         from transformers import DynamicCache
 
-        lm = self.model.model.language_model
+        lm = self.lm
         cache = DynamicCache(config=self.model.config)
         logits = self(input_ids, attention_mask, pixel_values, cache=cache)[:, -1]
         # per layer: keys row b may attend (the last query's row of the mask the layer used)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import assert_close_on_real_tokens, llava_inputs
-from reference import LlavaReference, VisionReference
+from reference import HookReference, VisionReference
 
 from prunec.models import load_model
 
@@ -203,7 +203,7 @@ def _reference_stages(plan):
 @pytest.mark.parametrize("spec", sorted(LLAVA_SPECS))
 def test_llava_pruning_matches_hook_reference(build, spec, pads):
     plan, module, _ = build(LLAVA_SPECS[spec])
-    reference = LlavaReference(_hf(plan), _reference_stages(plan))
+    reference = HookReference(_hf(plan), _reference_stages(plan))
     ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=30, seed=7 + len(pads))
     with torch.no_grad():
         actual = module(ids, mask, pixels)
@@ -221,7 +221,7 @@ def test_llava_reference_comparison_can_fail(build, monkeypatch):
     plan, module, _ = build(LLAVA_SPECS["fastv"])
     monkeypatch.setattr(ref, "slow_topk", lambda scores, k: sorted(
         sorted(range(len(scores)), key=lambda j: (scores[j], j))[:k]))
-    wrong = LlavaReference(_hf(plan), _reference_stages(plan))
+    wrong = HookReference(_hf(plan), _reference_stages(plan))
     pads = [0, 2, 5]
     ids, mask, pixels = llava_inputs(wrong.model.config, pads, seq_len=30, seed=9)
     with torch.no_grad():
@@ -282,10 +282,46 @@ def test_emitted_module_runs_under_torch_compile(build):
 
 def test_last_logits_output_is_the_last_row_of_the_reference(build):
     plan, module, _ = build(LLAVA_SPECS["pyramiddrop"].replace("pipeline:", "output: {logits: last}\n        pipeline:"))
-    reference = LlavaReference(_hf(plan), _reference_stages(plan))
+    reference = HookReference(_hf(plan), _reference_stages(plan))
     ids, mask, pixels = llava_inputs(reference.model.config, [0, 2, 5], seq_len=30, seed=21)
     with torch.no_grad():
         actual = module(ids, mask, pixels)
     expected = reference(ids, mask, pixels)
     assert actual.shape == (3, 1, expected.shape[-1])
     torch.testing.assert_close(actual, expected[:, -1:], atol=ATOL, rtol=0)
+
+
+LLAMA_PIPELINES = {
+    "fastv": "[{site: 'llm.layers[1]', method: fastv, keep: {count: 6}}]",
+    "fastv-all-renumber": "[{site: 'llm.layers[0]', method: fastv, params: {query: all}, keep: {count: 9},"
+                          " positions: renumber}]",
+    "pyramiddrop-3-stages": "[{site: 'llm.layers[0, 1, 2]', method: pyramiddrop, keep: {ratio: [0.5, 0.25, 0.125]}}]",
+}
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 2, 5]], ids=["batch1", "batch3-left-padded"])
+@pytest.mark.parametrize("name", sorted(LLAMA_PIPELINES))
+def test_llama_text_pruning_matches_hook_reference(build, name, pads):
+    """Text-token pruning: every token but the last is a candidate (left padding included)."""
+    plan, module, _ = build(f"""
+        prunec: 1
+        name: llama-{name}
+        model: {{builtin: tiny-llama}}
+        inputs: {{batch: 2, seq_len: 14}}
+        pipeline: {LLAMA_PIPELINES[name]}
+    """)
+    reference = HookReference(_hf(plan), _reference_stages(plan))
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, 200, (len(pads), 14), generator=gen)
+    mask = torch.ones_like(ids)
+    for b, pad in enumerate(pads):
+        mask[b, :pad] = 0
+    with torch.no_grad():
+        actual = module(ids, mask)
+    expected = reference(ids, mask)
+    assert actual.shape[1] == 14 - sum(s.n_candidates - s.n_keep for s in plan.stages)
+    # a pad may survive as a kept token; sdpa and eager disagree on its (fully masked) row only
+    for b, kept in enumerate(reference.final_tokens):
+        real = mask[b, kept].bool()
+        assert real[-1] and real.sum() >= 3
+        torch.testing.assert_close(actual[b, real], expected[b, real], atol=ATOL, rtol=0)

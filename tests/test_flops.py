@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import llava_inputs, write_spec
-from reference import LlavaReference
+from reference import HookReference
 
 import prunec
 from prunec.flops import estimate
@@ -104,7 +104,7 @@ def test_exact_prefill_flops_equal_torch_flop_counter(tmp_path, name):
     ids, mask, pixels = llava_inputs(model.config, [0], seq_len=30)
     stages = [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
               for s in plan.stages]
-    reference = LlavaReference(model, stages)  # switches the model to eager attention
+    reference = HookReference(model, stages)  # switches the model to eager attention
     counter = FlopCounterMode(display=False)
     with counter:
         reference(ids, mask, pixels)

@@ -1,7 +1,8 @@
 """Generation with a pruned KV cache against independent references.
 
 - keep-everything: the artifact's greedy tokens equal `model.generate` (HF, greedy) token for token;
-- pruned (FastV; a 3-stage PyramidDrop; DivPrune before the LLM then FastV): they equal the HF model
+- pruned (LLaVA: FastV, a 3-stage PyramidDrop, DivPrune before the LLM then FastV; Llama text
+  pruning: FastV and a 3-stage PyramidDrop): they equal the HF model
   with forward hooks doing the same selection at prefill and decoding with HF's own DynamicCache
   (tests/reference.py), at batch 1 and at batch 3 with left padding;
 - the manifest's KV-cache size equals the analytic value from the per-layer kept counts, and the
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from conftest import llava_inputs
-from reference import LlavaReference
+from reference import HookReference
 
 from prunec.generate import Generator, Sampling
 from prunec.models import load_model
@@ -44,6 +45,23 @@ PRUNED = {
 }
 
 
+PRUNED_LLAMA = {
+    "llama-fastv": "[{site: 'llm.layers[1]', method: fastv, keep: {count: 6}}]",
+    "llama-pyramiddrop-3-stages": "[{site: 'llm.layers[0, 1, 2]', method: pyramiddrop,"
+                                  " keep: {ratio: [0.5, 0.25, 0.125]}}]",
+}
+
+
+def _llama_prompt(pads, seq_len, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 200, (len(pads), seq_len), generator=gen)
+    mask = torch.ones_like(ids)
+    for b, pad in enumerate(pads):
+        ids[b, :pad] = 0
+        mask[b, :pad] = 0
+    return ids, mask
+
+
 def _hf(plan):
     return load_model(plan.lock["model"], plan.spec.base_dir)
 
@@ -65,12 +83,7 @@ def test_keep_everything_llava_generates_what_hf_generate_does(build, pads):
 def test_keep_everything_llama_generates_what_hf_generate_does(build, pads):
     plan, _, artifact = build(_spec("gen-keep-llama", "tiny-llama", "[]", seq_len=12))
     hf = _hf(plan)
-    gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, 200, (len(pads), 14), generator=gen)
-    mask = torch.ones_like(ids)
-    for b, pad in enumerate(pads):
-        ids[b, :pad] = hf.config.pad_token_id or 0
-        mask[b, :pad] = 0
+    ids, mask = _llama_prompt(pads, 14, seed=5)
     ours, logits = Generator(artifact).generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=None,
                                                 return_logits=True)
     expected = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
@@ -92,11 +105,26 @@ def test_pruned_generation_matches_hook_reference_with_its_own_cache(build, name
     plan, _, artifact = build(_spec(f"gen-{name}", "tiny-llava", PRUNED[name]))
     stages = [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
               for s in plan.stages]
-    reference = LlavaReference(_hf(plan), stages)
+    reference = HookReference(_hf(plan), stages)
     ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=30, seed=13)
     ours, our_logits = Generator(artifact).generate(ids, mask, pixels, max_new_tokens=NEW_TOKENS,
                                                     eos_token_id=None, return_logits=True)
     expected, logits = reference.generate(ids, mask, pixels, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(ours, expected)
+    torch.testing.assert_close(our_logits, logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pads", PADS.values(), ids=PADS.keys())
+@pytest.mark.parametrize("name", sorted(PRUNED_LLAMA))
+def test_pruned_llama_generation_matches_hook_reference(build, name, pads):
+    plan, _, artifact = build(_spec(f"gen-{name}", "tiny-llama", PRUNED_LLAMA[name], seq_len=14))
+    stages = [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
+              for s in plan.stages]
+    reference = HookReference(_hf(plan), stages)
+    ids, mask = _llama_prompt(pads, 14, seed=17)
+    ours, our_logits = Generator(artifact).generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=None,
+                                                    return_logits=True)
+    expected, logits = reference.generate(ids, mask, max_new_tokens=NEW_TOKENS)
     assert torch.equal(ours, expected)
     torch.testing.assert_close(our_logits, logits, atol=1e-5, rtol=0)
 
@@ -107,15 +135,15 @@ def test_reference_generation_differs_when_positions_are_wrong(build, monkeypatc
     plan, _, artifact = build(_spec("gen-pyramiddrop-3-stages", "tiny-llava", PRUNED["pyramiddrop-3-stages"]))
     stages = [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
               for s in plan.stages]
-    reference = LlavaReference(_hf(plan), stages)
+    reference = HookReference(_hf(plan), stages)
     ids, mask, pixels = llava_inputs(reference.model.config, [0, 2, 5], seq_len=30, seed=13)
-    original = LlavaReference.__call__
+    original = HookReference.__call__
 
     def shifted(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
         self.last_position = [p + 3 for p in self.last_position]
         return out
-    monkeypatch.setattr(LlavaReference, "__call__", shifted)
+    monkeypatch.setattr(HookReference, "__call__", shifted)
     _, wrong = reference.generate(ids, mask, pixels, max_new_tokens=NEW_TOKENS)
     _, ours = Generator(artifact).generate(ids, mask, pixels, max_new_tokens=NEW_TOKENS, eos_token_id=None,
                                            return_logits=True)
@@ -225,3 +253,19 @@ def test_generate_needs_an_artifact_built_with_decode(build):
     """)
     result = CliRunner().invoke(app, ["generate", str(artifact)])
     assert result.exit_code == 2 and "built without `decode:`" in result.output, result.output
+
+
+def test_cli_left_pads_a_short_prompt_for_text_pruning(build):
+    from typer.testing import CliRunner
+
+    from prunec.cli import app
+
+    _, _, artifact = build(_spec("gen-llama-fastv", "tiny-llama", PRUNED_LLAMA["llama-fastv"], seq_len=14))
+    result = CliRunner().invoke(app, ["generate", str(artifact), "--input-ids", "5 6 7 8 9", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    ids = torch.tensor([[0] * 9 + [5, 6, 7, 8, 9]])
+    mask = (torch.arange(14) >= 9).long()[None]
+    expected = Generator(artifact).generate(ids, mask, max_new_tokens=4)
+    assert result.output.strip() == " ".join(map(str, expected[0].tolist()))
+    too_long = CliRunner().invoke(app, ["generate", str(artifact), "--input-ids", " ".join(["5"] * 15)])
+    assert too_long.exit_code == 2 and "at most that long" in too_long.output

@@ -48,9 +48,14 @@ def test_gather_rows_broadcasts_a_batch_one_table():
 
 
 def _mask(kind, batch, seq, gen):
+    """Left padding of up to a third of the row (long-padding: row 0 has 150 pads, so whole key
+    blocks are masked, and row 1's first query rows attend to nothing)."""
     if kind is None:
         return None
     pads = torch.randint(0, seq // 3, (batch,), generator=gen)
+    if kind == "long-padding":
+        pads = torch.tensor([150, seq - 2])
+        kind = "bool"
     real = torch.arange(seq)[None, :] >= pads[:, None]          # left padding
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     allowed = causal[None, None] & real[:, None, None, :]
@@ -67,6 +72,7 @@ def _mask(kind, batch, seq, gen):
     (3, 8, 2, 1, 130, 32, "bool", False),
     (2, 4, 2, 5, 61, 16, "additive", False),
     (2, 2, 1, 64, 100, 64, "padding", True),
+    (2, 4, 4, 3, 200, 16, "long-padding", False),
 ])
 def test_attention_rows_match_torch(dtype, batch, heads, kv_heads, rows, seq, head_dim, mask, causal):
     gen = torch.Generator().manual_seed(batch * 1000 + seq)
@@ -144,11 +150,15 @@ def test_every_kernel_compiles_for_hopper():
                   {"x_ptr": f"*{dtype}", "index_ptr": "*i64", "out_ptr": f"*{dtype}", "kept": "i32", "features": "i32",
                    "stride_xb": "i32", "stride_xs": "i32", "stride_ib": "i32", "stride_ob": "i32", "stride_ok": "i32"},
                   {"BLOCK_K": 32, "BLOCK_F": 128})
-            build(attention_rows.attention_rows_kernel,
-                  {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "mask_ptr": "*i8", "out_ptr": "*fp32", "heads": "i32",
-                   "group": "i32", "n_rows": "i32", "n_keys": "i32", "first_row": "i32", "scale": "fp32",
-                   **{f"stride_{n}": "i32" for n in ("qb", "qh", "qr", "kb", "kh", "kn", "mb", "mr", "mn", "ob", "or")}},
-                  {"HAS_MASK": True, "MASK_IS_BOOL": True, "CAUSAL": False, "HEAD_DIM": 128, "BLOCK_N": 64})
+            strides = {f"stride_{n}": "i32" for n in ("qb", "qh", "qr", "kb", "kh", "kn", "mb", "mr", "mn", "sr", "sh")}
+            flags = {"HAS_MASK": True, "MASK_IS_BOOL": True, "CAUSAL": False, "HEAD_DIM": 128, "BLOCK_N": 64}
+            build(attention_rows.attention_rows_partial_kernel,
+                  {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "mask_ptr": "*i8", "stats_ptr": "*fp32", "rows": "i32",
+                   "group": "i32", "n_keys": "i32", "first_row": "i32", "scale": "fp32", **strides}, dict(flags))
+            build(attention_rows.attention_rows_probs_kernel,
+                  {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "mask_ptr": "*i8", "stats_ptr": "*fp32", "out_ptr": "*fp32",
+                   "heads": "i32", "rows": "i32", "group": "i32", "n_keys": "i32", "n_blocks": "i32", "first_row": "i32",
+                   "scale": "fp32", **strides, "stride_or": "i32"}, {**flags, "BLOCK_B": 64})
             build(token_transition.transition_stats_kernel,
                   {"x_in_ptr": f"*{dtype}", "x_out_ptr": f"*{dtype}", "ratio_ptr": "*fp32", "turn_ptr": "*fp32",
                    "n_tokens": "i32", "features": "i32", "eps": "fp32", "stride_ib": "i32", "stride_is": "i32",
@@ -161,4 +171,4 @@ def test_every_kernel_compiles_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 10
+    assert proc.stdout.count("compiled") == 13

@@ -85,7 +85,7 @@ CASES = [
      12, "expected one of: last, all"),
     ("protect-cls-on-llava", {"s.yaml": variant(replace={11: "    keep: {ratio: 0.5}\n    protect: [cls]"})}, 12,
      "cannot protect 'cls'"),
-    ("no-span-family", {"s.yaml": variant(replace={4: "  builtin: tiny-llama"})}, 9, "no prunable token span"),
+    ("no-span-family", {"s.yaml": variant(replace={4: "  builtin: tiny-bert"})}, 9, "no prunable token span"),
     ("triton-backend", {"s.yaml": variant(append="backend: triton\n")}, 12, "not available yet"),
     ("bad-name", {"s.yaml": variant(replace={2: "name: a/b"})}, 2, "expected a string matching"),
     ("extends-missing-file", {"s.yaml": "prunec: 1\nextends: nowhere.yaml\nname: x\n"}, 2, "does not exist"),

@@ -15,7 +15,7 @@ from prunec import viz
 from prunec.adapters.base import ExampleShape
 from prunec.cli import app
 from prunec.models import load_model
-from reference import LlavaReference, slow_divprune
+from reference import HookReference, slow_divprune
 
 SPECS = {
     "pre-llm": """
@@ -55,7 +55,7 @@ def _reference_kept(plan, picture):
     if plan.adapter.family == "llava":
         stages = [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
                   for s in plan.stages]
-        reference = LlavaReference(hf, stages)
+        reference = HookReference(hf, stages)
         reference(*example)
         return reference.kept
     captured = {}
