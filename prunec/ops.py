@@ -1,7 +1,7 @@
 """Pruning ops as torch.library custom ops in the `prunec` namespace.
 
 Each op has a fake implementation, so it survives torch.export and torch.compile. On CUDA tensors
-(with Triton installed) `attention_received` and `gather_tokens` run Triton kernels
+(with Triton installed) `attention_received`, `select_topk` and `gather_tokens` run Triton kernels
 (`prunec/kernels/`); everywhere else, and for the other ops, they run torch.
 Selection ops return sorted keep indices over the whole sequence: every non-candidate token plus the
 kept candidates, so all rows keep the same count.
@@ -18,14 +18,18 @@ from .methods.fastv import attention_received as _attention_received
 from .methods.fastv import reduce_rows
 
 
-def _candidate_positions(candidates: torch.Tensor, n_candidates: int) -> torch.Tensor:
-    """[B, S] bool -> [B, n_candidates] sorted positions; every row must hold n_candidates."""
+def _check_count(candidates: torch.Tensor, n_candidates: int) -> None:
     counts = candidates.sum(dim=1)
     if bool((counts != n_candidates).any()):
         raise ValueError(
             f"prunec: this module was built for {n_candidates} candidate tokens per row "
             f"(budgets are resolved at build time), but the rows hold {counts.tolist()}"
         )
+
+
+def _candidate_positions(candidates: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """[B, S] bool -> [B, n_candidates] sorted positions; every row must hold n_candidates."""
+    _check_count(candidates, n_candidates)
     return candidates.nonzero()[:, 1].view(candidates.shape[0], n_candidates)
 
 
@@ -62,6 +66,11 @@ def _(q, k, mask, scale, is_causal, query):
 @torch.library.custom_op("prunec::select_topk", mutates_args=())
 def select_topk(scores: torch.Tensor, candidates: torch.Tensor, n_candidates: int, n_keep: int) -> torch.Tensor:
     """Keep the n_keep highest-scoring candidates (ties: lower index) and every non-candidate."""
+    if use_triton(scores, candidates):
+        from .kernels.topk_spans import topk_spans
+
+        _check_count(candidates, n_candidates)
+        return topk_spans(scores.float(), candidates, n_candidates, n_keep)
     positions = _candidate_positions(candidates, n_candidates)
     cand_scores = scores.float().gather(1, positions)
     order = torch.sort(cand_scores, dim=1, descending=True, stable=True).indices

@@ -33,6 +33,12 @@ def slow_topk(scores: list[float], n_keep: int) -> list[int]:
     return sorted(order[:n_keep])
 
 
+def reference_stages(plan) -> list[dict]:
+    """A plan's stages in the terms HookReference takes."""
+    return [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
+            for s in plan.stages]
+
+
 def keep_list(candidates: list[int], kept_candidates: list[int], length: int) -> list[int]:
     cand = set(candidates)
     return sorted([p for p in range(length) if p not in cand] + kept_candidates)

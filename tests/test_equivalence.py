@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import assert_close_on_real_tokens, llava_inputs
-from reference import HookReference, VisionReference
+from reference import HookReference, VisionReference, reference_stages
 
 from prunec.models import load_model
 
@@ -194,16 +194,11 @@ LLAVA_SPECS = {
 }
 
 
-def _reference_stages(plan):
-    return [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
-            for s in plan.stages]
-
-
 @pytest.mark.parametrize("pads", [[0], [0, 2, 5]], ids=["batch1", "batch3-left-padded"])
 @pytest.mark.parametrize("spec", sorted(LLAVA_SPECS))
 def test_llava_pruning_matches_hook_reference(build, spec, pads):
     plan, module, _ = build(LLAVA_SPECS[spec])
-    reference = HookReference(_hf(plan), _reference_stages(plan))
+    reference = HookReference(_hf(plan), reference_stages(plan))
     ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=30, seed=7 + len(pads))
     with torch.no_grad():
         actual = module(ids, mask, pixels)
@@ -221,7 +216,7 @@ def test_llava_reference_comparison_can_fail(build, monkeypatch):
     plan, module, _ = build(LLAVA_SPECS["fastv"])
     monkeypatch.setattr(ref, "slow_topk", lambda scores, k: sorted(
         sorted(range(len(scores)), key=lambda j: (scores[j], j))[:k]))
-    wrong = HookReference(_hf(plan), _reference_stages(plan))
+    wrong = HookReference(_hf(plan), reference_stages(plan))
     pads = [0, 2, 5]
     ids, mask, pixels = llava_inputs(wrong.model.config, pads, seq_len=30, seed=9)
     with torch.no_grad():
@@ -282,7 +277,7 @@ def test_emitted_module_runs_under_torch_compile(build):
 
 def test_last_logits_output_is_the_last_row_of_the_reference(build):
     plan, module, _ = build(LLAVA_SPECS["pyramiddrop"].replace("pipeline:", "output: {logits: last}\n        pipeline:"))
-    reference = HookReference(_hf(plan), _reference_stages(plan))
+    reference = HookReference(_hf(plan), reference_stages(plan))
     ids, mask, pixels = llava_inputs(reference.model.config, [0, 2, 5], seq_len=30, seed=21)
     with torch.no_grad():
         actual = module(ids, mask, pixels)
@@ -310,7 +305,7 @@ def test_llama_text_pruning_matches_hook_reference(build, name, pads):
         inputs: {{batch: 2, seq_len: 14}}
         pipeline: {LLAMA_PIPELINES[name]}
     """)
-    reference = HookReference(_hf(plan), _reference_stages(plan))
+    reference = HookReference(_hf(plan), reference_stages(plan))
     gen = torch.Generator().manual_seed(9)
     ids = torch.randint(3, 200, (len(pads), 14), generator=gen)
     mask = torch.ones_like(ids)

@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import llava_inputs, write_spec
-from reference import HookReference
+from reference import HookReference, reference_stages
 
 import prunec
 from prunec.flops import estimate
@@ -102,8 +102,7 @@ def test_exact_prefill_flops_equal_torch_flop_counter(tmp_path, name):
     plan = prunec.plan(spec)
     model = load_model(plan.lock["model"], plan.spec.base_dir)
     ids, mask, pixels = llava_inputs(model.config, [0], seq_len=30)
-    stages = [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
-              for s in plan.stages]
+    stages = reference_stages(plan)
     reference = HookReference(model, stages)  # switches the model to eager attention
     counter = FlopCounterMode(display=False)
     with counter:

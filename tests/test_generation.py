@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import llava_inputs
-from reference import HookReference
+from reference import HookReference, reference_stages
 
 from prunec.generate import Generator, Sampling
 from prunec.models import load_model
@@ -103,8 +103,7 @@ def _assert_same_generation(ours, our_logits, expected, prompt_len, pads):
 @pytest.mark.parametrize("name", sorted(PRUNED))
 def test_pruned_generation_matches_hook_reference_with_its_own_cache(build, name, pads):
     plan, _, artifact = build(_spec(f"gen-{name}", "tiny-llava", PRUNED[name]))
-    stages = [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
-              for s in plan.stages]
+    stages = reference_stages(plan)
     reference = HookReference(_hf(plan), stages)
     ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=30, seed=13)
     ours, our_logits = Generator(artifact).generate(ids, mask, pixels, max_new_tokens=NEW_TOKENS,
@@ -118,8 +117,7 @@ def test_pruned_generation_matches_hook_reference_with_its_own_cache(build, name
 @pytest.mark.parametrize("name", sorted(PRUNED_LLAMA))
 def test_pruned_llama_generation_matches_hook_reference(build, name, pads):
     plan, _, artifact = build(_spec(f"gen-{name}", "tiny-llama", PRUNED_LLAMA[name], seq_len=14))
-    stages = [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
-              for s in plan.stages]
+    stages = reference_stages(plan)
     reference = HookReference(_hf(plan), stages)
     ids, mask = _llama_prompt(pads, 14, seed=17)
     ours, our_logits = Generator(artifact).generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=None,
@@ -133,8 +131,7 @@ def test_reference_generation_differs_when_positions_are_wrong(build, monkeypatc
     """Guards the test above: a reference placing new tokens 3 positions later gives other logits
     (random tiny weights attend almost uniformly, so the tokens alone are not a sensitive check)."""
     plan, _, artifact = build(_spec("gen-pyramiddrop-3-stages", "tiny-llava", PRUNED["pyramiddrop-3-stages"]))
-    stages = [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
-              for s in plan.stages]
+    stages = reference_stages(plan)
     reference = HookReference(_hf(plan), stages)
     ids, mask, pixels = llava_inputs(reference.model.config, [0, 2, 5], seq_len=30, seed=13)
     original = HookReference.__call__

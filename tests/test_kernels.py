@@ -22,6 +22,8 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "conftest must enable the inte
 from prunec.kernels.attention_rows import attention_rows, attention_rows_torch  # noqa: E402
 from prunec.kernels.gather import gather_rows, gather_rows_torch  # noqa: E402
 from prunec.kernels.token_transition import token_transition, token_transition_torch  # noqa: E402
+from prunec.kernels.topk_spans import topk_spans  # noqa: E402
+from prunec.ops import select_topk  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = 2e-6
@@ -102,6 +104,25 @@ def test_token_transition_matches_torch(dtype, shape, abs_cos):
     torch.testing.assert_close((actual / ratio).sum(-1), torch.ones(shape[0]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch, seq, n_keep, ties", [(1, 7, 2, False), (3, 37, 9, True), (2, 300, 100, True),
+                                                      (4, 1000, 1, False)])
+def test_topk_spans_selects_the_same_indices(dtype, batch, seq, n_keep, ties):
+    """Ragged spans (each row's candidates at its own offset), ties broken by the lower index."""
+    gen = torch.Generator().manual_seed(seq)
+    scores = torch.randn(batch, seq, generator=gen)
+    if ties:  # few distinct values: many exact ties around the k-th score
+        scores = (scores * 2).round() / 2
+    scores = scores.to(dtype)
+    n_candidates = seq // 2
+    candidates = torch.zeros(batch, seq, dtype=torch.bool)
+    for b in range(batch):
+        start = int(torch.randint(0, seq - n_candidates + 1, (1,), generator=gen))
+        candidates[b, start:start + n_candidates] = True
+    expected = select_topk(scores, candidates, n_candidates, n_keep)  # CPU tensors: the torch path
+    assert torch.equal(topk_spans(scores.float(), candidates, n_candidates, n_keep), expected)
+
+
 def test_ops_dispatch_to_the_kernels_and_keep_results(build, monkeypatch):
     """An emitted module whose prunec ops take the Triton path (forced on CPU, interpreted) gives
     the torch path's output: the dispatch wiring is exercised without a GPU."""
@@ -136,7 +157,7 @@ def test_every_kernel_compiles_for_hopper():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from prunec.kernels import attention_rows, gather, token_transition
+        from prunec.kernels import attention_rows, gather, token_transition, topk_spans
 
         target = GPUTarget("cuda", 90, 32)
         def build(fn, signature, constexprs):
@@ -164,6 +185,9 @@ def test_every_kernel_compiles_for_hopper():
                    "n_tokens": "i32", "features": "i32", "eps": "fp32", "stride_ib": "i32", "stride_is": "i32",
                    "stride_ob": "i32", "stride_os": "i32", "stride_rb": "i32"},
                   {"ABS_COS": False, "BLOCK_S": 16, "BLOCK_D": 128})
+        build(topk_spans.topk_spans_kernel,
+              {"scores_ptr": "*fp32", "candidates_ptr": "*i8", "out_ptr": "*i64", "n_tokens": "i32", "n_keep": "i32",
+               "stride_sb": "i32", "stride_cb": "i32", "stride_ob": "i32"}, {"BLOCK_S": 1024})
         build(token_transition.weighted_softmax_kernel,
               {"turn_ptr": "*fp32", "ratio_ptr": "*fp32", "out_ptr": "*fp32", "n_tokens": "i32", "stride_b": "i32"},
               {"BLOCK_S": 256})
@@ -171,4 +195,4 @@ def test_every_kernel_compiles_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 13
+    assert proc.stdout.count("compiled") == 14

@@ -15,7 +15,7 @@ from prunec import viz
 from prunec.adapters.base import ExampleShape
 from prunec.cli import app
 from prunec.models import load_model
-from reference import HookReference, slow_divprune
+from reference import HookReference, slow_divprune, reference_stages
 
 SPECS = {
     "pre-llm": """
@@ -53,8 +53,7 @@ def _reference_kept(plan, picture):
     example = list(plan.adapter.example_inputs(ExampleShape(1, inputs.get("seq_len"), inputs["image_size"]), 0))
     example[-1] = viz.image_tensor(picture, inputs["image_size"])
     if plan.adapter.family == "llava":
-        stages = [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
-                  for s in plan.stages]
+        stages = reference_stages(plan)
         reference = HookReference(hf, stages)
         reference(*example)
         return reference.kept
