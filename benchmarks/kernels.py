@@ -6,7 +6,8 @@
 Each pair runs alternately (A B A B ...) after a warm-up; medians of CUDA-event (or wall-clock)
 times. Effective bandwidth = bytes the kernel must read and write / time. Sizes follow the issue:
 a residual-stream gather of 576 -> 144 visual tokens x 4096, attention rows for 1-64 queries
-against 4096 keys (32 heads, head_dim 128), token transitions over 4096 tokens x 4096.
+against 4096 keys (32 heads, head_dim 128), DivPrune 576 -> 144 (its greedy loop fused vs torch's
+loop; both include the distance matmul), token transitions over 4096 tokens x 4096.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import torch
 
 from prunec.kernels.attention_rows import attention_rows, attention_rows_torch
 from prunec.kernels.gather import gather_rows, gather_rows_torch
+from prunec.kernels.max_min_greedy import max_min_greedy
 from prunec.kernels.token_transition import token_transition, token_transition_torch
+from prunec.methods.divprune import divprune_keep, greedy_max_min
 
 
 def _time(fn, device: str) -> float:
@@ -73,6 +76,11 @@ def main() -> None:
         lines.append(compare(f"attention rows {rows} x {keys} keys", lambda: attention_rows(q, k, None, head_dim ** -0.5, False),
                              lambda: attention_rows_torch(q, k, None, head_dim ** -0.5, False),
                              k.numel() * element + rows * keys * 4, rounds, device))
+    features = torch.randn(1, tokens, hidden, generator=gen).to(device, dtype)
+    lines.append(compare(f"divprune {tokens} -> {kept} (greedy loop)",
+                         lambda: divprune_keep(features, kept, greedy=max_min_greedy),
+                         lambda: divprune_keep(features, kept, greedy=greedy_max_min),
+                         tokens * tokens * 4, rounds, device))
     a = torch.randn(1, keys, hidden, generator=gen).to(device, dtype)
     b = torch.randn(1, keys, hidden, generator=gen).to(device, dtype)
     lines.append(compare(f"token transition {keys} x {hidden}", lambda: token_transition(a, b),

@@ -1,7 +1,8 @@
 """Pruning ops as torch.library custom ops in the `prunec` namespace.
 
 Each op has a fake implementation, so it survives torch.export and torch.compile. On CUDA tensors
-(with Triton installed) `attention_received`, `select_topk` and `gather_tokens` run Triton kernels
+(with Triton installed) `attention_received`, `select_topk`, `select_divprune` (its greedy loop) and
+`gather_tokens` run Triton kernels
 (`prunec/kernels/`); everywhere else, and for the other ops, they run torch.
 Selection ops return sorted keep indices over the whole sequence: every non-candidate token plus the
 kept candidates, so all rows keep the same count.
@@ -87,7 +88,10 @@ def select_divprune(hidden: torch.Tensor, candidates: torch.Tensor, n_candidates
     """DivPrune over the candidates' hidden states; keeps every non-candidate."""
     positions = _candidate_positions(candidates, n_candidates)
     features = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-    return _keep_indices(candidates, positions, divprune_keep(features, n_keep))
+    greedy = None
+    if use_triton(hidden):
+        from .kernels.max_min_greedy import max_min_greedy as greedy
+    return _keep_indices(candidates, positions, divprune_keep(features, n_keep, greedy))
 
 
 @select_divprune.register_fake

@@ -22,7 +22,9 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "conftest must enable the inte
 from prunec.kernels.attention_rows import attention_rows, attention_rows_torch  # noqa: E402
 from prunec.kernels.gather import gather_rows, gather_rows_torch  # noqa: E402
 from prunec.kernels.token_transition import token_transition, token_transition_torch  # noqa: E402
+from prunec.kernels.max_min_greedy import max_min_greedy  # noqa: E402
 from prunec.kernels.topk_spans import topk_spans  # noqa: E402
+from prunec.methods.divprune import divprune_keep  # noqa: E402
 from prunec.ops import select_topk  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -123,6 +125,25 @@ def test_topk_spans_selects_the_same_indices(dtype, batch, seq, n_keep, ties):
     assert torch.equal(topk_spans(scores.float(), candidates, n_candidates, n_keep), expected)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch, n_tokens, dim, n_keep", [(1, 5, 8, 5), (3, 37, 24, 9), (2, 130, 64, 33)])
+def test_max_min_greedy_picks_the_same_tokens(dtype, batch, n_tokens, dim, n_keep):
+    """The fused greedy loop against DivPrune's torch loop, and against the slow reference."""
+    from reference import slow_divprune
+
+    gen = torch.Generator().manual_seed(n_tokens)
+    features = torch.randn(batch, n_tokens, dim, generator=gen).to(dtype)
+    expected = divprune_keep(features, n_keep)
+    actual = divprune_keep(features, n_keep, greedy=max_min_greedy)
+    assert torch.equal(actual, expected)
+    assert actual[0].tolist() == slow_divprune(features[0].float(), n_keep)
+
+
+def test_max_min_greedy_breaks_ties_to_the_lower_index():
+    features = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [1.0, 0.0], [0.0, 1.0]]])
+    assert torch.equal(divprune_keep(features, 4, greedy=max_min_greedy), divprune_keep(features, 4))
+
+
 def test_ops_dispatch_to_the_kernels_and_keep_results(build, monkeypatch):
     """An emitted module whose prunec ops take the Triton path (forced on CPU, interpreted) gives
     the torch path's output: the dispatch wiring is exercised without a GPU."""
@@ -136,6 +157,7 @@ def test_ops_dispatch_to_the_kernels_and_keep_results(build, monkeypatch):
         model: {builtin: tiny-llava}
         inputs: {batch: 2, seq_len: 30}
         pipeline:
+          - {site: projector.output, method: divprune, keep: {count: 14}}
           - {site: "llm.layers[0]", method: fastv, params: {query: all}, keep: {count: 10}, positions: renumber}
           - {site: "llm.layers[2]", method: fastv, keep: {count: 4}}
     """)
@@ -157,7 +179,7 @@ def test_every_kernel_compiles_for_hopper():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from prunec.kernels import attention_rows, gather, token_transition, topk_spans
+        from prunec.kernels import attention_rows, gather, max_min_greedy, token_transition, topk_spans
 
         target = GPUTarget("cuda", 90, 32)
         def build(fn, signature, constexprs):
@@ -188,6 +210,9 @@ def test_every_kernel_compiles_for_hopper():
         build(topk_spans.topk_spans_kernel,
               {"scores_ptr": "*fp32", "candidates_ptr": "*i8", "out_ptr": "*i64", "n_tokens": "i32", "n_keep": "i32",
                "stride_sb": "i32", "stride_cb": "i32", "stride_ob": "i32"}, {"BLOCK_S": 1024})
+        build(max_min_greedy.max_min_greedy_kernel,
+              {"distance_ptr": "*fp32", "first_ptr": "*i64", "out_ptr": "*i64", "n_tokens": "i32", "n_keep": "i32",
+               "stride_db": "i32", "stride_dr": "i32", "stride_ob": "i32"}, {"BLOCK_N": 1024})
         build(token_transition.weighted_softmax_kernel,
               {"turn_ptr": "*fp32", "ratio_ptr": "*fp32", "out_ptr": "*fp32", "n_tokens": "i32", "stride_b": "i32"},
               {"BLOCK_S": 256})
@@ -195,4 +220,4 @@ def test_every_kernel_compiles_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 14
+    assert proc.stdout.count("compiled") == 15

@@ -14,32 +14,37 @@ import torch
 from . import MethodInfo, register_method
 
 
-def divprune_keep(features: torch.Tensor, n_keep: int) -> torch.Tensor:
+def divprune_keep(features: torch.Tensor, n_keep: int, greedy=None) -> torch.Tensor:
     """Greedy max-min diversity selection.
 
     Args:
         features: [B, N, D] candidate token features. n_keep: tokens to keep, 0 < n_keep <= N.
+        greedy: the greedy loop to use (`greedy_max_min`, or a kernel with its signature).
     Returns: [B, n_keep] int64 indices into N, sorted ascending.
     """
-    batch, n_tokens, _ = features.shape
     normed = torch.nn.functional.normalize(features.float(), dim=-1)
     distance = 1.0 - normed @ normed.transpose(1, 2)  # [B, N, N]
-    if n_tokens == 1:
-        first = torch.zeros(batch, dtype=torch.long, device=features.device)
+    if features.shape[1] == 1:
+        first = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
     else:
-        nearest_other = distance.kthvalue(2, dim=1).values  # second-smallest per column
-        first = nearest_other.argmax(dim=1)
-    rows = torch.arange(batch, device=features.device)
+        first = distance.kthvalue(2, dim=1).values.argmax(dim=1)  # farthest nearest other token
+    return (greedy or greedy_max_min)(distance, first, n_keep).sort(dim=1).values
+
+
+def greedy_max_min(distance: torch.Tensor, first: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """From `first`, repeatedly add the token farthest from the chosen set: [B, n_keep] in pick order."""
+    batch, n_tokens, _ = distance.shape
+    rows = torch.arange(batch, device=distance.device)
     chosen = [first]
     min_to_chosen = distance[rows, first]  # [B, N]
-    taken = torch.zeros(batch, n_tokens, dtype=torch.bool, device=features.device)
+    taken = torch.zeros(batch, n_tokens, dtype=torch.bool, device=distance.device)
     taken[rows, first] = True
     for _ in range(n_keep - 1):
         nxt = min_to_chosen.masked_fill(taken, float("-inf")).argmax(dim=1)
         chosen.append(nxt)
         taken[rows, nxt] = True
         min_to_chosen = torch.minimum(min_to_chosen, distance[rows, nxt])
-    return torch.stack(chosen, dim=1).sort(dim=1).values
+    return torch.stack(chosen, dim=1)
 
 
 register_method(MethodInfo(
