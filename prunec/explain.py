@@ -36,6 +36,10 @@ def stage_table(plan: Plan) -> str:
         layers.append([s.domain, f"{s.first_layer}-{s.last_layer}", str(s.tokens), f"{share:6.1%}"])
     text.append(_table(layers))
     text.append(flow_chart(plan))
+    if plan.stages and plan.adapter.span:
+        averages = ", ".join(f"{domain} {value:g}" for domain, value in flops["layer_average_candidates"].items())
+        text.append(f"{plan.adapter.span} tokens per layer, averaged over the layers (the layer-averaged "
+                    f"budget in-LLM papers report): {averages}; per-stage counts in the table above")
     text.append(f"prefill FLOPs: {flops['ratio']:.1%} of unpruned; FLOPs share = the layers a stage's "
                 f"output feeds, as a share of the unpruned total ({flops['convention']})")
     text.append(flops_table(flops))

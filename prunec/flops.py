@@ -183,12 +183,23 @@ def estimate(plan: Plan, new_tokens: int = DECODE_TOKENS) -> dict:
         "pruned_macs": default["pruned_macs"],
         "ratio": default["ratio"],
         "paper_style": views,
+        "layer_average_candidates": layer_average_candidates(plan),
         "exact": _exact(plan, new_tokens),
         "segments": [
             {"domain": s.domain, "layers": [s.first_layer, s.last_layer], "tokens": s.tokens, "macs": s.macs}
             for s in segments(plan)
         ],
     }
+
+
+def layer_average_candidates(plan: Plan) -> dict[str, float]:
+    """Candidate (image / patch / text) tokens per layer, averaged over each domain's layers: the
+    "keep N" of in-LLM papers (SparseVLM's 192 = 2x576, 4x300, 10x200, 16x110 over 32 layers)."""
+    out = {}
+    for name in plan.adapter.domains():
+        lengths = domain_lengths(plan, name)
+        out[name] = round(sum(c for _, c in lengths) / len(lengths), 2)
+    return out
 
 
 def layer_tokens(plan: Plan) -> list[tuple[int, int]]:

@@ -73,6 +73,18 @@ def test_fastv_k3_r50_is_about_57_percent_full_sequence(tmp_path):
     assert flops["convention"].endswith("3ndm") and "full sequence" in flops["convention"]
 
 
+def test_layer_averaged_budget_matches_sparsevlm_192(tmp_path):
+    """SparseVLM's `score.py` comment for its 192 budget: 2x576, 4x300, 10x200, 16x110 over 32 layers,
+    i.e. cuts after 0-indexed layers 1, 5 and 15 keeping 300, 200 and 110."""
+    plan = _plan(tmp_path, "[{site: 'llm.layers[1, 5, 15]', method: fastv, keep: {count: [300, 200, 110]}}]",
+                 seq_len=SYSTEM_TOKENS + 576 + 40)
+    assert estimate(plan)["layer_average_candidates"] == {"llm": (2 * 576 + 4 * 300 + 10 * 200 + 16 * 110) / 32}
+    assert estimate(plan)["layer_average_candidates"]["llm"] == 191.0
+    from prunec.explain import stage_table
+
+    assert "averaged over the layers (the layer-averaged budget in-LLM papers report): llm 191;" in stage_table(plan)
+
+
 def _layer_flops(counter: FlopCounterMode) -> int:
     """FLOPs torch counted inside the decoder layers, the vision encoder's layers and the projector
     (not the patch-embedding conv, the embeddings or the LM head)."""
