@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import PrunecError
+from .errors import PrunecError, first_line
 
 _ALLOWED = re.compile(
     r"^[^/]+/(?:data/weights/(?:weight_\d+|model_weights_config\.json)"
@@ -144,5 +144,5 @@ def load_program(path: str | Path, member: str = "model.pt2") -> torch.export.Ex
     try:
         return torch.export.load(io.BytesIO(data))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ArtifactError(f"{archive} could not be deserialized: {first}") from None

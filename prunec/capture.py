@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 from .adapters.base import Adapter, ExampleShape
-from .errors import BuildError
+from .errors import BuildError, first_line
 
 
 @dataclass
@@ -25,14 +25,14 @@ class Captured:
 
 def capture(model: torch.nn.Module, adapter: Adapter, shape: ExampleShape, seed: int,
             min_tokens: int = 2, last_logits: bool = False) -> Captured:
-    wrapper = (adapter.wrap(model, last_logits=True) if last_logits else adapter.wrap(model)).eval()
+    wrapper = adapter.wrap(model, last_logits=last_logits).eval()
     inputs = adapter.example_inputs(shape, seed)
     dynamic = adapter.dynamic_shapes(min_tokens)
     try:
         with torch.no_grad():
             program = torch.export.export(wrapper, inputs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # export errors are long; keep the first line and the model family
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise BuildError(f"capture: torch.export failed for family {adapter.family}: {first}") from exc
     return Captured(program.module(), inputs, dynamic)
 

@@ -22,7 +22,7 @@ from torch.export import Dim
 from .adapters.base import batch_dim, module_paths
 from .capture import reexport
 from .context import CompileContext
-from .errors import BuildError
+from .errors import BuildError, first_line
 from .spec import Plan
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -100,7 +100,7 @@ def export_prefill(gm: fx.GraphModule, ctx: CompileContext) -> torch.export.Expo
     try:
         return reexport(gm, ctx.example_inputs, ctx.dynamic_shapes)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise BuildError(f"decode: exporting the prefill program failed: {first}") from exc
 
 
@@ -168,5 +168,5 @@ def export_decode(model: torch.nn.Module, plan: Plan) -> torch.export.ExportedPr
         with torch.no_grad():
             return torch.export.export(step, inputs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise BuildError(f"decode: exporting the decode step failed: {first}") from exc

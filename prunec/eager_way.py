@@ -97,8 +97,8 @@ class EagerWay:
             return _fastv_scores(stage, state)
         # PyramidDrop's official scoring: the next layer's q (last token) and k on the current hidden states
         attn = layer.self_attn
-        mask = state.view(kwargs)["attention_mask"]
-        cos, sin = state.view(kwargs)["position_embeddings"]
+        current = state.view(kwargs)
+        mask, (cos, sin) = current["attention_mask"], current["position_embeddings"]
         x = layer.input_layernorm(hidden)
         batch, seq, _ = x.shape
         q = attn.q_proj(x[:, -1:]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)

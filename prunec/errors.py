@@ -4,6 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (torch.export errors run to pages), or its type name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PrunecError(Exception):
     """Base class: a failure caused by the user's input, reported without a traceback."""
 

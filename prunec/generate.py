@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from .artifact import load_program, read_manifest
 
@@ -53,7 +54,7 @@ class Generator:
         self.step = load_program(artifact, "decode.pt2").module()
         self.layers = len(manifest["decode"]["cache_lengths"])
         self.position_offset = manifest["decode"]["position_offset"]
-        lock = __import__("yaml").safe_load((artifact / "spec.lock.yaml").read_text())
+        lock = yaml.safe_load((artifact / "spec.lock.yaml").read_text())
         from .adapters import adapter_for
         from .models import model_config
 

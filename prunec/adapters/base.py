@@ -51,9 +51,9 @@ class Adapter:
     def domains(self) -> dict[str, Domain]:
         raise NotImplementedError
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, last_logits: bool = False) -> torch.nn.Module:
         """An nn.Module with a positional forward over `example_inputs` returning one tensor.
-        Families with `generates` also take `last_logits=True` (only the last position's logits)."""
+        `last_logits` (families with `generates` only): just the last position's logits."""
         raise NotImplementedError
 
     def example_inputs(self, shape: ExampleShape, seed: int) -> tuple[torch.Tensor, ...]:

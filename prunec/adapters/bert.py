@@ -25,5 +25,5 @@ class BertAdapter(TextAdapter):
     def domains(self):
         return {"encoder": Domain("encoder", "hf.encoder.layer", self.config.num_hidden_layers, None)}
 
-    def wrap(self, model):
+    def wrap(self, model, last_logits=False):
         return _Encoder(model)
