@@ -20,7 +20,8 @@ import torch
 from prunec.kernels.attention_rows import attention_rows, attention_rows_torch
 from prunec.kernels.gather import gather_rows, gather_rows_torch
 from prunec.kernels.max_min_greedy import max_min_greedy
-from prunec.kernels.token_transition import token_transition, token_transition_torch
+from prunec.kernels.token_transition import token_transition
+from prunec.methods.transprune import token_transition as token_transition_torch
 from prunec.methods.divprune import divprune_keep, greedy_max_min
 
 

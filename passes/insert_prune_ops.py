@@ -1,13 +1,15 @@
 """Insert each stage's candidates, score, selection and residual-stream gather after its cut."""
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import fx
 
 import prunec.ops  # noqa: F401  (registers torch.ops.prunec)
 from prunec.context import ROLE, CompileContext, StageRecord
 from prunec.errors import BuildError
-from prunec.methods import get_method
+from prunec.methods import get_method, terms
 
 _OPS = torch.ops.prunec
 
@@ -44,17 +46,20 @@ def _sdpa_args(node: fx.Node) -> dict:
     return bound
 
 
-def _scores(add: _Appender, record: StageRecord, candidates: fx.Node) -> fx.Node:
-    stage = record.stage
-    if record.attention is None:
-        raise BuildError(f"site {stage.site}: method {stage.method} needs the layer's attention, but the "
-                         "layer has no scaled_dot_product_attention call")
-    sdpa = _sdpa_args(record.attention)
-    q, k = sdpa["query"], sdpa["key"]
-    scale = sdpa.get("scale") or q.meta["val"].shape[-1] ** -0.5
-    return add("score", _OPS.attention_received.default,
-               (q, k, sdpa.get("attn_mask"), float(scale), bool(sdpa.get("is_causal", False)),
-                stage.param_dict["query"]))
+def _attention(record: StageRecord, sdpa_node: fx.Node | None, what: str):
+    if sdpa_node is None:
+        raise BuildError(f"site {record.stage.site}: method {record.stage.method} needs {what}, but it has no "
+                         "scaled_dot_product_attention call")
+    sdpa = _sdpa_args(sdpa_node)
+    scale = sdpa.get("scale") or sdpa["query"].meta["val"].shape[-1] ** -0.5
+    return sdpa, float(scale), bool(sdpa.get("is_causal", False))
+
+
+def _row_val(like: fx.Node, dtype=torch.float32):
+    """Fake [B, S] value for an inserted per-token node, on the captured shapes of `like`."""
+    value = like.meta["val"]
+    with value.fake_mode:
+        return torch.empty(tuple(value.shape[:2]), dtype=dtype)
 
 
 def _copy_chain(add: _Appender, root: fx.Node, span: list[fx.Node], token_size=None) -> fx.Node:
@@ -99,19 +104,94 @@ def _last_token_view(add: _Appender, node: fx.Node, token_size):
     return node
 
 
-def _next_layer_scores(add: _Appender, record: StageRecord) -> fx.Node:
-    """The next layer's attention from the last token, recomputed on the site's hidden states."""
-    sdpa = _sdpa_args(record.next_attention)
-    q_last = _copy_chain(add, sdpa["query"], record.next_layer, record.token_size)
+def _attention_lists(record: StageRecord, method: str):
+    """(qs, ks, masks, scales, is_causal, leading keys) of the layers a layer_attention method reads."""
+    calls = [(_attention(record, node, "a layer's attention"), leading) for node, leading in record.layer_attention[method]]
+    qs = [sdpa["query"] for (sdpa, _, _), _ in calls]
+    ks = [sdpa["key"] for (sdpa, _, _), _ in calls]
+    masks = [sdpa.get("attn_mask") for (sdpa, _, _), _ in calls]
+    scales = [scale for (_, scale, _), _ in calls]
+    return qs, ks, masks, scales, calls[-1][0][2]
+
+
+def _layer_attention_scores(add: _Appender, record: StageRecord, method: str, params: dict, candidates: fx.Node,
+                            valid: fx.Node | None) -> fx.Node:
+    stage = record.stage
+    qs, ks, masks, scales, causal = _attention_lists(record, method)
+    at_layer = stage.layer is not None
+    args = (method, _params_json(method, params), qs, ks, masks, scales, causal, valid if at_layer else None,
+            candidates if at_layer else None)
+    scores = add("score", _OPS.attention_scores.default, args)
+    if at_layer:
+        return scores
+    patches = add("score", torch.ops.aten.slice.Tensor, (scores, 1, -stage.n_candidates, 2**63 - 1))
+    return add("score", _OPS.scatter_candidates.default, (patches, candidates, stage.n_candidates))
+
+
+def _params_json(method: str, params: dict) -> str:
+    """A method's own parameters (not those choosing layers, which are the compiler's), as JSON."""
+    skip = get_method(method).layer_params
+    return json.dumps({k: v for k, v in sorted(params.items()) if k not in skip})
+
+
+def _term_scores(add: _Appender, record: StageRecord, method: str, params: dict, candidates: fx.Node,
+                 carried: dict, valid: fx.Node | None) -> fx.Node:
+    """[B, S] scores of one registered method at the record's site (higher = keep). Accumulating
+    methods add what earlier stages summed (`carried`, gathered to this stage's tokens by
+    propagate_tokens) and leave their own sum there."""
+    stage, info = record.stage, get_method(method)
+    signal = info.signals[0]
+    if signal == "transitions":
+        return record.transitions
+    if signal == "layer_attention":
+        scores = _layer_attention_scores(add, record, method, params, candidates, valid)
+        if info.accumulates:
+            key = (stage.domain, method)
+            if key in carried:
+                scores = add("score", torch.ops.aten.add.Tensor, (carried[key], scores))
+            scores.meta["val"] = _row_val(record.site_value)
+            carried[key] = scores
+        return scores
+    if signal == "hidden":
+        return add("score", _OPS.diversity_scores.default, (record.site_value, candidates, stage.n_candidates))
+    if signal == "attention_qk" or (signal == "cls_attention" and stage.layer is not None):
+        sdpa, scale, causal = _attention(record, record.attention, "the layer's attention")
+        query = params.get("query", "last") if signal == "attention_qk" else "first"
+        return add("score", _OPS.attention_received.default,
+                   (sdpa["query"], sdpa["key"], sdpa.get("attn_mask"), scale, causal, query))
+    if signal == "cls_attention":  # an output site: the vision feature layer's [CLS] row
+        node, leading = record.feature_attention
+        sdpa, scale, causal = _attention(record, node, "the vision feature layer's attention")
+        row = add("score", _OPS.attention_received.default,
+                  (sdpa["query"], sdpa["key"], sdpa.get("attn_mask"), scale, causal, "first"))
+        patches = add("score", torch.ops.aten.slice.Tensor, (row, 1, leading, 2**63 - 1))
+        return add("score", _OPS.scatter_candidates.default, (patches, candidates, stage.n_candidates))
+    sdpa, scale, causal = _attention(record, record.next_attention, "the next layer's attention")
+    if signal == "next_layer_qk":  # the last token's row only
+        q_last = _copy_chain(add, sdpa["query"], record.next_layer, record.token_size)
+        k = _copy_chain(add, sdpa["key"], record.next_layer)
+        return add("score", _OPS.attention_received.default, (q_last, k, sdpa.get("attn_mask"), scale, causal, "last"))
+    q = _copy_chain(add, sdpa["query"], record.next_layer)  # instruction_qk: every row
     k = _copy_chain(add, sdpa["key"], record.next_layer)
-    scale = sdpa.get("scale") or sdpa["query"].meta["val"].shape[-1] ** -0.5
-    return add("score", _OPS.attention_received.default,
-               (q_last, k, sdpa.get("attn_mask"), float(scale), bool(sdpa.get("is_causal", False)), "last"))
+    return add("score", _OPS.instruction_attention.default, (q, k, sdpa.get("attn_mask"), scale, causal, candidates))
+
+
+def _sum_transitions(add: _Appender, record: StageRecord, carried: fx.Node | None, valid: fx.Node | None,
+                     cos: str) -> fx.Node:
+    """TTV summed over the record's sub-blocks, on top of what earlier stages summed (`carried`,
+    gathered to this stage's tokens by propagate_tokens)."""
+    total = carried
+    for block_in, block_out in record.transition_pairs:
+        ttv = add("score", _OPS.token_transition.default, (block_in, block_out, valid, cos))
+        total = ttv if total is None else add("score", torch.ops.aten.add.Tensor, (total, ttv))
+        total.meta["val"] = _row_val(record.site_value)
+    return total
 
 
 def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Guarantees: every record has index, gathered and kept_len nodes; nothing downstream changed yet."""
     graph = gm.graph
+    carried: dict[tuple[str, str], fx.Node] = {}  # (domain, method) -> sum of the latest accumulating stage
     for record in ctx.records:
         stage, info = record.stage, get_method(record.stage.method)
         add = _Appender(graph, record.anchor)
@@ -120,11 +200,25 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if candidates.prev is add.last:  # the adapter built it at the cut, not from the inputs
             add.last = candidates
         sizes = (stage.n_candidates, stage.n_keep)
-        if info.kind == "score":
-            scores = _next_layer_scores(add, record) if "next_layer_qk" in info.signals else _scores(add, record, candidates)
-            index = add("select", _OPS.select_topk.default, (scores, candidates, *sizes))
-        else:
+        valid = ctx.adapter.validity(graph) if {"transitions", "layer_attention"} & record.signals else None
+        if "transitions" in record.signals:
+            cos = next(p for m, p, _ in terms(stage.method, stage.param_dict) if m == "ttv")["cos"]
+            record.transitions = _sum_transitions(add, record, carried.get((stage.domain, "ttv")), valid, cos)
+            carried[(stage.domain, "ttv")] = record.transitions
+        if info.kind == "select" and "layer_attention" in info.signals:
+            qs, ks, masks, scales, causal = _attention_lists(record, stage.method)
+            index = add("select", _OPS.select_by_attention.default,
+                        (stage.method, _params_json(stage.method, stage.param_dict), qs, ks, masks, scales, causal, candidates, *sizes))
+        elif info.kind == "select":
             index = add("select", _OPS.select_divprune.default, (record.site_value, candidates, *sizes))
+        else:
+            fused = terms(stage.method, stage.param_dict)
+            scores = [_term_scores(add, record, m, p, candidates, carried, valid) for m, p, _ in fused]
+            if info.kind == "fuse":
+                params = stage.param_dict
+                scores = [add("score", _OPS.fuse_scores.default,
+                              (scores, candidates, [w for _, _, w in fused], params["fusion"], params["normalize"]))]
+            index = add("select", _OPS.select_topk.default, (scores[0], candidates, *sizes))
         record.index = index
         record.gathered = add("gather", _OPS.gather_tokens.default, (record.site_value, index, [1]),
                               meta_from=record.site_value)

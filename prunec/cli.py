@@ -286,6 +286,24 @@ def _read_image(path: Path):
 
 
 @app.command()
+def methods(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """List every registered method: action, sites, signals, variants and the source it follows."""
+    from .methods import catalog
+
+    rows = catalog()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        variants = "; ".join(f"{k}: {v}" for k, v in row["variants"].items()) or "-"
+        typer.echo(f"{row['method']:<12} {row['action']}/{row['kind']:<6}  {row['summary']}")
+        typer.echo(f"{'':<12} sites: {', '.join(row['sites'])}   signals: {', '.join(row['signals'])}   "
+                   f"positions: {row['positions']}   fusable: {'yes' if row['fusable'] else 'no'}")
+        typer.echo(f"{'':<12} params: {', '.join(row['params']) or '-'}   variants: {variants}")
+        typer.echo(f"{'':<12} source: {row['source']}")
+
+
+@app.command()
 def schema(out: Optional[Path] = typer.Option(None, "-o", "--out", help="write to this file instead of stdout")) -> None:
     """Print (or write) the spec's JSON Schema (Draft 2020-12), e.g. for editors."""
     from .schema import spec_schema

@@ -27,6 +27,13 @@ class StageRecord:
     attention: fx.Node | None = None    # the layer's sdpa call, for attention signals
     next_attention: fx.Node | None = None  # the next layer's sdpa call, for next-layer q/k signals
     next_layer: list[fx.Node] = field(default_factory=list)  # the next layer's nodes, in graph order
+    signals: set[str] = field(default_factory=set)             # what the stage's scores read
+    feature_attention: tuple[fx.Node, int] | None = None  # (sdpa, leading non-candidates) whose
+                                                          # [CLS] row scores an output site's tokens
+    transition_pairs: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # sub-block (in, out), layers summed
+    transitions: fx.Node | None = None  # [B, S] TTV summed up to this stage (carried across stages)
+    layer_attention: dict[str, list[tuple[fx.Node, int]]] = field(default_factory=dict)  # method -> sdpa
+                                        # calls (with leading non-candidate keys) of the layers it reads
     index: fx.Node | None = None        # [B, K] sorted keep indices
     gathered: fx.Node | None = None     # the pruned residual stream
     kept_len: fx.Node | None = None     # K as a SymInt node

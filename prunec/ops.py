@@ -1,22 +1,27 @@
 """Pruning ops as torch.library custom ops in the `prunec` namespace.
 
 Each op has a fake implementation, so it survives torch.export and torch.compile. On CUDA tensors
-(with Triton installed) `attention_received`, `select_topk`, `select_divprune` (its greedy loop) and
-`gather_tokens` run Triton kernels
+(with Triton installed) `attention_received`, `select_topk`, `select_divprune` (its greedy loop),
+`token_transition` and `gather_tokens` run Triton kernels
 (`prunec/kernels/`); everywhere else, and for the other ops, they run torch.
 Selection ops return sorted keep indices over the whole sequence: every non-candidate token plus the
 kept candidates, so all rows keep the same count.
 """
 from __future__ import annotations
 
+import json
 from typing import List, Optional
 
 import torch
 
 from .kernels import use_triton
-from .methods.divprune import divprune_keep
+from .methods import get_method
+from .methods.divprune import diversity_order_scores, divprune_keep
 from .methods.fastv import attention_received as _attention_received
 from .methods.fastv import reduce_rows
+from .methods.fuse import fuse_scores as _fuse_scores
+from .methods.transprune import instruction_attention as _instruction_attention
+from .methods.transprune import token_transition as _token_transition
 
 
 def _check_count(candidates: torch.Tensor, n_candidates: int) -> None:
@@ -150,3 +155,107 @@ def prefix_mask(x: torch.Tensor, protect_last: int) -> torch.Tensor:
 @prefix_mask.register_fake
 def _(x, protect_last):
     return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.bool)
+
+
+def _row_scores_fake(like: torch.Tensor, batch: int, seq) -> torch.Tensor:
+    return like.new_empty((batch, seq), dtype=torch.float32)
+
+
+@torch.library.custom_op("prunec::token_transition", mutates_args=())
+def token_transition(x_in: torch.Tensor, x_out: torch.Tensor, valid: Optional[torch.Tensor], cos: str) -> torch.Tensor:
+    """TransPrune's TTV of one sub-block: [B, S] fp32, softmax over each row's valid tokens."""
+    if use_triton(x_in, x_out):
+        from .kernels.token_transition import token_transition as kernel
+
+        return kernel(x_in, x_out, valid, abs_cos=cos == "abs")
+    return _token_transition(x_in, x_out, valid, cos)
+
+
+@token_transition.register_fake
+def _(x_in, x_out, valid, cos):
+    return _row_scores_fake(x_in, x_in.shape[0], x_in.shape[1])
+
+
+@torch.library.custom_op("prunec::instruction_attention", mutates_args=())
+def instruction_attention(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                          is_causal: bool, candidates: torch.Tensor) -> torch.Tensor:
+    """TransPrune's IGA: head-mean attention from the rows after the last candidate, row-averaged."""
+    return _instruction_attention(q, k, mask, scale, is_causal, candidates)
+
+
+@instruction_attention.register_fake
+def _(q, k, mask, scale, is_causal, candidates):
+    return _row_scores_fake(q, candidates.shape[0], candidates.shape[1])
+
+
+@torch.library.custom_op("prunec::fuse_scores", mutates_args=())
+def fuse_scores(scores: List[torch.Tensor], candidates: torch.Tensor, weights: List[float], fusion: str,
+                normalize: str) -> torch.Tensor:
+    """Weighted sum of normalized scores, or rank fusion, over the candidates: [B, S] fp32."""
+    return _fuse_scores(scores, candidates, weights, fusion, normalize)
+
+
+@fuse_scores.register_fake
+def _(scores, candidates, weights, fusion, normalize):
+    return _row_scores_fake(candidates, candidates.shape[0], candidates.shape[1])
+
+
+@torch.library.custom_op("prunec::diversity_scores", mutates_args=())
+def diversity_scores(hidden: torch.Tensor, candidates: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """DivPrune's score form over the candidates (-pick step of the full greedy order): [B, S] fp32."""
+    positions = _candidate_positions(candidates, n_candidates)
+    features = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    return _scatter(diversity_order_scores(features), positions, candidates.shape[1])
+
+
+@diversity_scores.register_fake
+def _(hidden, candidates, n_candidates):
+    return _row_scores_fake(hidden, candidates.shape[0], candidates.shape[1])
+
+
+def _scatter(values: torch.Tensor, positions: torch.Tensor, seq: int) -> torch.Tensor:
+    out = values.new_zeros((values.shape[0], seq), dtype=torch.float32)
+    return out.scatter_(1, positions, values.float())
+
+
+@torch.library.custom_op("prunec::scatter_candidates", mutates_args=())
+def scatter_candidates(values: torch.Tensor, candidates: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """[B, n_candidates] per-candidate values (e.g. per image patch) -> [B, S] at the candidates'
+    positions, in order; 0 elsewhere."""
+    return _scatter(values, _candidate_positions(candidates, n_candidates), candidates.shape[1])
+
+
+@scatter_candidates.register_fake
+def _(values, candidates, n_candidates):
+    return _row_scores_fake(values, candidates.shape[0], candidates.shape[1])
+
+
+@torch.library.custom_op("prunec::attention_scores", mutates_args=())
+def attention_scores(method: str, params: str, qs: List[torch.Tensor], ks: List[torch.Tensor],
+                     masks: List[Optional[torch.Tensor]], scales: List[float], is_causal: bool,
+                     valid: Optional[torch.Tensor], candidates: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, S_keys] fp32 scores of a registered full-attention-map method over the given layers' q/k
+    (`params`: its JSON parameters; `candidates` when the keys are the site's sequence)."""
+    fn = get_method(method).fn
+    return fn(qs, ks, masks, scales, is_causal, valid, candidates=candidates, **json.loads(params)).float()
+
+
+@attention_scores.register_fake
+def _(method, params, qs, ks, masks, scales, is_causal, valid, candidates):
+    return _row_scores_fake(qs[-1], qs[-1].shape[0], ks[-1].shape[-2])
+
+
+@torch.library.custom_op("prunec::select_by_attention", mutates_args=())
+def select_by_attention(method: str, params: str, qs: List[torch.Tensor], ks: List[torch.Tensor],
+                        masks: List[Optional[torch.Tensor]], scales: List[float], is_causal: bool,
+                        candidates: torch.Tensor, n_candidates: int, n_keep: int) -> torch.Tensor:
+    """A registered select method over attention maps: it picks among the last n_candidates keys
+    (the candidates, in order); keeps every non-candidate."""
+    positions = _candidate_positions(candidates, n_candidates)
+    local = get_method(method).fn(qs, ks, masks, scales, is_causal, n_candidates, n_keep, **json.loads(params))
+    return _keep_indices(candidates, positions, local)
+
+
+@select_by_attention.register_fake
+def _(method, params, qs, ks, masks, scales, is_causal, candidates, n_candidates, n_keep):
+    return _keep_shape(candidates, n_candidates, n_keep)

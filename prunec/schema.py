@@ -35,6 +35,12 @@ def spec_schema() -> dict[str, Any]:
             "name": {"type": "string", "pattern": NAME_PATTERN,
                      "description": "artifact name: letters, digits, '.', '_', '-'"},
             "description": {"type": "string"},
+            "source": {
+                "type": "object",
+                "additionalProperties": False,
+                "description": "where the strategy comes from: the paper, the official file it follows",
+                "properties": {"paper": {"type": "string"}, "code": {"type": "string"}, "notes": {"type": "string"}},
+            },
             "model": {
                 "type": "object",
                 "additionalProperties": False,

@@ -114,16 +114,50 @@ def _check_entry(spec: Spec, adapter, raw: dict, ptr: str):
     action = raw.get("action", "prune")
     if action != info.action:
         raise SpecError(f"method {info.name!r} is a {info.action} method, not {action}", spec.locate(f"{ptr}/action"))
-    for err in jsonschema.Draft202012Validator(info.params_schema).iter_errors(raw.get("params", {})):
-        sub = _schema_error(err, PositionedDoc(None, {}, {}, spec.doc.file))
-        raise SpecError(f"params of {info.name}: {sub.message}",
-                        spec.locate(f"{ptr}/params{_pointer(err.absolute_path)}"))
+    _check_params(spec, info, raw.get("params", {}), f"{ptr}/params")
+    if info.kind == "fuse":
+        _check_terms(spec, raw["params"]["terms"], f"{ptr}/params/terms")
     protect = tuple(raw.get("protect", adapter.protectable))
     for item in protect:
         if item not in adapter.protectable:
             raise SpecError(f"family {adapter.family} cannot protect {item!r}; expected one of: "
                             f"{', '.join(adapter.protectable)}", spec.locate(f"{ptr}/protect"))
     return info, action, {**info.defaults, **raw.get("params", {})}, protect
+
+
+def _check_params(spec: Spec, info, params: dict, ptr: str) -> None:
+    for err in jsonschema.Draft202012Validator(info.params_schema).iter_errors(params):
+        sub = _schema_error(err, PositionedDoc(None, {}, {}, spec.doc.file))
+        raise SpecError(f"params of {info.name}: {sub.message}", spec.locate(f"{ptr}{_pointer(err.absolute_path)}"))
+
+
+def _check_terms(spec: Spec, items: list, ptr: str) -> None:
+    """Each fused term names a registered score (or a select method with a score form), once."""
+    from .methods import get_method, method_names
+
+    seen = set()
+    for j, term in enumerate(items):
+        at = f"{ptr}/{j}"
+        try:
+            info = get_method(term["method"])
+        except KeyError:
+            raise SpecError(f"unknown method {term['method']!r}; expected one of: "
+                            f"{', '.join(n for n in method_names() if n != 'fuse')}", spec.locate(f"{at}/method")) from None
+        if info.kind == "fuse" or (info.kind == "select" and info.score_fn is None):
+            raise SpecError(f"method {info.name!r} has no score to fuse", spec.locate(f"{at}/method"))
+        if info.action != "prune":
+            raise SpecError(f"method {info.name!r} merges tokens; only prune scores fuse", spec.locate(f"{at}/method"))
+        if info.name in seen:
+            raise SpecError(f"method {info.name!r} appears twice in terms", spec.locate(f"{at}/method"))
+        seen.add(info.name)
+        _check_params(spec, info, term.get("params", {}), f"{at}/params")
+
+
+def _fused(info, params: dict):
+    """(method, its params) of each score the stage computes (the method itself unless it fuses)."""
+    from .methods import get_method, terms
+
+    return [(get_method(name), term_params) for name, term_params, _ in terms(info.name, params)]
 
 
 def _locate(spec: Spec, adapter, info, where: str, layer: int | None, site_ptr: str):
@@ -134,7 +168,7 @@ def _locate(spec: Spec, adapter, info, where: str, layer: int | None, site_ptr: 
             raise SpecError(_site_help(adapter, domains, f"site {where!r}"), spec.locate(site_ptr))
         domain = adapter.output_sites[where]
         if info.layer_sites_only:
-            raise SpecError(f"method {info.name} reads a layer's attention, so it needs a "
+            raise SpecError(f"method {info.name} reads a layer's signals, so it needs a "
                             f"`{domain}.layers[i]` site, not {where}", spec.locate(site_ptr))
         rank = -1 if where == "projector.output" else domains[domain].num_layers + 1
         return domain, where, rank
@@ -156,16 +190,9 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
         info, action, params, protect = _check_entry(spec, adapter, raw, ptr)
         sites = parse_site(raw["site"])
         for (where, layer), (kind, value) in zip(sites, _budget_values(raw["keep"], len(sites), ptr, spec)):
-            domain, site, rank = _locate(spec, adapter, info, where, layer, site_ptr)
-            if domain not in info.domains:
-                raise SpecError(f"method {info.name} works in {', '.join(info.domains)} sites, not {domain}",
-                                spec.locate(site_ptr))
-            if "next_layer_qk" in info.signals and layer == adapter.domains()[domain].num_layers - 1:
-                raise SpecError(f"method {info.name} scores with the next layer's q/k, and {site} is the "
-                                "last layer; choose an earlier site", spec.locate(site_ptr))
-            if {"attention_qk", "next_layer_qk"} & set(info.signals) and model_src["attn_implementation"] != "sdpa":
-                raise SpecError(f"method {info.name} reads q/k from the layer's sdpa call; set "
-                                "model.attn_implementation: sdpa", spec.locate(f"{ptr}/method"))
+            for scorer, scorer_params in _fused(info, params):
+                domain, site, rank = _locate(spec, adapter, scorer, where, layer, site_ptr)
+                _check_signals(spec, adapter, scorer, scorer_params, domain, site, layer, model_src, ptr)
             positions = raw.get("positions", info.default_positions)
             if layer is None and positions == "keep_original" and adapter.domains()[domain].rotary_path:
                 raise SpecError(f"positions: keep_original is not available at {where}: the LLM numbers "
@@ -190,6 +217,57 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             stages.append(Stage(ptr, site, domain, layer, info.name, action, tuple(sorted(params.items())),
                                 positions, protect, (kind, value), available, n_keep))
     return tuple(stages)
+
+
+def _check_signals(spec: Spec, adapter, info, params: dict, domain: str, site: str, layer: int | None,
+                   model_src: dict, ptr: str) -> None:
+    """The method can get its signals at this site of this model."""
+    from .adapters.base import Adapter
+    from .methods import NEXT_LAYER_SIGNALS, QK_SIGNALS
+
+    site_ptr = f"{ptr}/site"
+    if domain not in info.domains:
+        raise SpecError(f"method {info.name} works in {', '.join(info.domains)} sites, not {domain}",
+                        spec.locate(site_ptr))
+    if layer is not None and info.layer_domains is not None and domain not in info.layer_domains:
+        raise SpecError(f"method {info.name} works at {', '.join(info.layer_domains)} layer sites or before the "
+                        f"LLM ({', '.join(adapter.output_sites) or 'none here'}), not {site}", spec.locate(site_ptr))
+    signals = set(info.signals)
+    if NEXT_LAYER_SIGNALS & signals and layer == adapter.domains()[domain].num_layers - 1:
+        raise SpecError(f"method {info.name} scores with the next layer's q/k, and {site} is the "
+                        "last layer; choose an earlier site", spec.locate(site_ptr))
+    if QK_SIGNALS & signals and model_src["attn_implementation"] != "sdpa":
+        raise SpecError(f"method {info.name} reads q/k from an sdpa call; set "
+                        "model.attn_implementation: sdpa", spec.locate(f"{ptr}/method"))
+    if "cls_attention" in signals:
+        if layer is not None and "cls" not in adapter.protectable:
+            raise SpecError(f"method {info.name} scores with a [CLS] row, and family {adapter.family}'s "
+                            f"{domain} layers have no [CLS]; use a pre-LLM site such as "
+                            f"{', '.join(adapter.output_sites) or 'none'}", spec.locate(site_ptr))
+        if layer is None and type(adapter).vision_attention is Adapter.vision_attention:
+            raise SpecError(f"method {info.name} needs a [CLS] attention row; at {site} family {adapter.family} "
+                            f"has none (use a `{domain}.layers[i]` site)", spec.locate(site_ptr))
+    if "layer_attention" in signals and layer is None:
+        if type(adapter).vision_attention is Adapter.vision_attention:
+            raise SpecError(f"method {info.name} reads vision attention maps; family {adapter.family} has no "
+                            f"vision tower before {site}", spec.locate(site_ptr))
+        n_vision = adapter.config.vision_config.num_hidden_layers
+        for needed in info.attention_layers(params, adapter.vision_feature_layer()):
+            if not 0 <= needed < n_vision:
+                raise SpecError(f"method {info.name} reads vision layer {needed}; the vision tower has layers "
+                                f"0..{n_vision - 1}", spec.locate(f"{ptr}/params"))
+    if "layer_attention" in signals and layer is not None and info.attention_layers is not None:
+        for needed in info.attention_layers(params, layer):
+            if not 0 <= needed <= layer:
+                raise SpecError(f"method {info.name} reads layer {needed}'s attention; at {site} that must be "
+                                f"0..{layer}", spec.locate(f"{ptr}/params"))
+    if "transitions" in signals or info.accumulates:
+        if "transitions" in signals and not adapter.sub_blocks:
+            raise SpecError(f"method {info.name} reads sub-block inputs/outputs, which family {adapter.family} "
+                            "does not describe", spec.locate(f"{ptr}/method"))
+        first = params.get("accumulate_from")
+        if first is not None and first > layer:
+            raise SpecError(f"accumulate_from {first} comes after the site layer {layer}", spec.locate(f"{ptr}/params"))
 
 
 def _site_help(adapter, domains, what: str) -> str:
@@ -217,6 +295,8 @@ def _lock(data: dict, model_src: dict, inputs: dict, stages: list[Stage], spec: 
         ],
         "backend": data.get("backend", "auto"),
     }
+    if "source" in data:
+        lock["source"] = data["source"]
     if "output" in data:
         lock["output"] = data["output"]
     if "decode" in data:

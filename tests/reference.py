@@ -5,6 +5,8 @@ passes, so a bug in the graph rewrite or an op cannot hide in both places.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -12,6 +14,11 @@ def slow_divprune(features: torch.Tensor, n_keep: int) -> list[int]:
     """DivPrune from its definition: distance 1 - cos; first pick maximises the distance to the
     nearest other token (second-smallest entry of its column, the smallest being itself); then
     greedily add the token farthest (by min distance) from the chosen set. Ties: lower index."""
+    return sorted(slow_divprune_order(features, n_keep))
+
+
+def slow_divprune_order(features: torch.Tensor, n_keep: int) -> list[int]:
+    """`slow_divprune`'s picks in pick order."""
     n = features.shape[0]
     f = features.double()
     dist = [[1.0 - float(torch.dot(f[i], f[j]) / (f[i].norm() * f[j].norm())) for j in range(n)]
@@ -24,7 +31,46 @@ def slow_divprune(features: torch.Tensor, n_keep: int) -> list[int]:
         best = max((j for j in range(n) if j not in chosen),
                    key=lambda j: (min(dist[s][j] for s in chosen), -j))
         chosen.append(best)
-    return sorted(chosen)
+    return chosen
+
+
+def slow_ranks(scores: list[float]) -> list[int]:
+    """Rank of each entry by descending score, 0 = best, ties to the lower index."""
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+    ranks = [0] * len(scores)
+    for rank, j in enumerate(order):
+        ranks[j] = rank
+    return ranks
+
+
+def slow_ttv(x_in: torch.Tensor, x_out: torch.Tensor, valid: list[bool], absolute: bool = False) -> list[float]:
+    """TransPrune's token transition of one sub-block for one row, from the formula: for each valid
+    token, m = |out| / |in| and d = cos(in, out); softmax over the valid tokens of (1 - d) (or
+    1 - |d|), times m; padding scores 0."""
+    m, turn = [], []
+    for i in range(x_in.shape[0]):
+        a, c = x_in[i].double(), x_out[i].double()
+        cos = float(torch.dot(a, c) / (a.norm() * c.norm()))
+        m.append(float(c.norm() / a.norm()))
+        turn.append(1.0 - (abs(cos) if absolute else cos))
+    total = sum(math.exp(t) for t, v in zip(turn, valid) if v)
+    return [math.exp(t) / total * r if v else 0.0 for t, r, v in zip(turn, m, valid)]
+
+
+def fuse_rows(term_rows: list[list[float]], weights: list[float], fusion: str, normalize: str) -> list[float]:
+    """Fused score of one row's candidates from each term's candidate scores."""
+    fused = [0.0] * len(term_rows[0])
+    for row, w in zip(term_rows, weights):
+        if fusion == "rank":
+            values = [-r for r in slow_ranks(row)]
+        elif normalize == "sum":
+            values = [v / sum(row) for v in row]
+        elif normalize == "minmax":
+            values = [(v - min(row)) / max(max(row) - min(row), 1e-12) for v in row]
+        else:
+            values = row
+        fused = [f + w * v for f, v in zip(fused, values)]
+    return fused
 
 
 def slow_topk(scores: list[float], n_keep: int) -> list[int]:
@@ -56,6 +102,33 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
+def next_layer_rows(layer, hidden, cos, sin, mask, rows_per_batch):
+    """The *next* layer's norm, q/k projections and RoPE on the current hidden states; for each
+    row b, the softmax attention rows of the queries in rows_per_batch[b] over all keys (under the
+    4-D `mask`'s rows), mean over heads, then mean over those queries. Returns [B, S] double."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    batch, seq, _ = x.shape
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(batch, seq, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(batch, seq, -1, hd).transpose(1, 2)
+    q, k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
+    out = []
+    for b in range(batch):
+        total = torch.zeros(seq, dtype=torch.float64)
+        for r in rows_per_batch[b]:
+            per_head = []
+            for h in range(q.shape[1]):
+                kh = k[b, h // (q.shape[1] // k.shape[1])]
+                logits = (kh @ q[b, h, r]) * hd ** -0.5
+                row_mask = mask[b, 0, r]
+                logits = logits.masked_fill(~row_mask, float("-inf")) if row_mask.dtype == torch.bool else logits + row_mask
+                per_head.append(torch.softmax(logits.double(), dim=0))
+            total += torch.stack(per_head).mean(dim=0)
+        out.append(total / max(len(rows_per_batch[b]), 1))
+    return torch.stack(out)
+
+
 def pyramiddrop_last_row(layer, hidden, cos, sin, mask):
     """PyramidDrop's score from its definition: the *next* layer's norm, q/k projections and RoPE
     on the current hidden states; the last token's softmax row over all keys (under `mask`, [B, S]
@@ -80,12 +153,107 @@ def pyramiddrop_last_row(layer, hidden, cos, sin, mask):
     return torch.stack(rows)
 
 
+# -- attention-map scores from their definitions, over eager attention probabilities ------------
+# probs: [H, S, S] one row's per-head softmax attention (query, key); valid: which tokens are real.
+
+
+def slow_received(probs: torch.Tensor) -> list[float]:
+    """Attention each key receives, mean over heads and over every query row."""
+    return probs.double().mean(dim=(0, 1)).tolist()
+
+
+def slow_spatten_layer(probs: torch.Tensor, valid: list[bool]) -> list[float]:
+    """SpAtten: attention received, summed over heads and the real query rows."""
+    p = probs.double()
+    return [sum(float(p[h, q, k]) for h in range(p.shape[0]) for q in range(p.shape[1]) if valid[q])
+            for k in range(p.shape[2])]
+
+
+def slow_pagerank(matrices: torch.Tensor, start: list[float], iterations: int) -> list[float]:
+    """Per head: s <- s M (s_j = sum_i s_i M_ij) from `start`; heads combined by root mean square."""
+    heads = []
+    for m in matrices.double():
+        s = list(start)
+        for _ in range(iterations):
+            s = [sum(s[i] * float(m[i, j]) for i in range(len(s))) for j in range(len(s))]
+        heads.append(s)
+    return [math.sqrt(sum(h[j] ** 2 for h in heads) / len(heads)) for j in range(len(start))]
+
+
+def slow_aim(probs: torch.Tensor, valid: list[bool], temperature: float, iterations: int) -> list[float]:
+    """AIM: softmax(logits / tau) rebuilt from the probabilities (softmax(l / tau) = p^(1/tau)
+    normalized per row), PageRank from 1/N over the real tokens, RMS over heads."""
+    sharp = probs.double() ** (1.0 / temperature)
+    sharp = sharp / sharp.sum(dim=-1, keepdim=True)
+    n = sum(valid)
+    return slow_pagerank(sharp, [1.0 / n if v else 0.0 for v in valid], iterations)
+
+
+def slow_a2sf(probs: torch.Tensor, valid: list[bool], forgetting: float, recent: int, cands: list[int]) -> list[float]:
+    """A2SF: sum over heads and real queries q of alpha^(S-1-q) p[q, k]; the last `recent`
+    candidates are always kept (+inf)."""
+    p = probs.double()
+    seq = p.shape[1]
+    scores = [sum(forgetting ** (seq - 1 - q) * float(p[h, q, k]) for h in range(p.shape[0]) for q in range(seq)
+                  if valid[q]) for k in range(seq)]
+    for c in cands[len(cands) - recent:] if recent else []:
+        scores[c] = math.inf
+    return scores
+
+
+def slow_hiprune(obj: list[float], deep: list[float], n_keep: int, alpha: float) -> list[int]:
+    """HiPrune from its description: anchors = top round(n_keep * alpha / 5) by the object layer,
+    plus their +-1 / +-width neighbours (clamped, de-duplicated, cut at n_keep), then registers by
+    the deep layer among the rest. Ties: lower index."""
+    n = len(obj)
+    width = int(round(math.sqrt(n)))
+    anchors = sorted(range(n), key=lambda j: (-obj[j], j))[:round(n_keep * alpha / 5)]
+    chosen = list(anchors)
+    for a in anchors:
+        for nb in (a - 1, a + 1, a - width, a + width):
+            nb = min(max(nb, 0), n - 1)
+            if nb not in chosen:
+                chosen.append(nb)
+    chosen = chosen[:n_keep]
+    rest = sorted((j for j in range(n) if j not in chosen), key=lambda j: (-deep[j], j))
+    return sorted(chosen + rest[:n_keep - len(chosen)])
+
+
+def slow_fopru_rows(score: list[float], n_keep: int) -> list[int]:
+    """FoPru row strategy: whole grid rows by summed significance, the remainder from the next row
+    by token significance."""
+    width = int(round(math.sqrt(len(score))))
+    rows = sorted(range(width), key=lambda r: (-sum(score[r * width:(r + 1) * width]), r))
+    full, extra = divmod(n_keep, width)
+    kept = [r * width + c for r in rows[:full] for c in range(width)]
+    if extra:
+        r = rows[full]
+        kept += [r * width + c for c in sorted(range(width), key=lambda c: (-score[r * width + c], c))[:extra]]
+    return sorted(kept)
+
+
+SITE_KINDS = ("spatten", "aim", "a2sf", "lazyllm")  # scored from the site layer's own attention map
+
+
+def term_kinds(stage: dict) -> list[str]:
+    return [t["method"] for t in stage["terms"]] if stage["kind"] == "fuse" else [stage["kind"]]
+
+
+def term_params(stage: dict) -> list[dict]:
+    return [t.get("params", {}) for t in stage["terms"]] if stage["kind"] == "fuse" else [stage]
+
+
+def term_weights(stage: dict) -> list[float]:
+    return [float(t.get("weight", 1.0)) for t in stage["terms"]]
+
+
 class HookReference:
-    """Runs an HF LLaVA or Llama (eager attention) with hooks applying DivPrune before the LLM and/or
-    FastV / PyramidDrop after decoder layer i. Candidates: LLaVA's image tokens; for Llama every
-    token but the last. `stages`: dicts with kind ('divprune' | 'fastv' | 'pyramiddrop'), n_keep, and
-    for the others `layer`, `positions` ('keep_original' | 'renumber') and, for fastv, `query`
-    ('last' | 'all')."""
+    """Runs an HF LLaVA or Llama (eager attention) with hooks applying DivPrune / FasterVLM before the
+    LLM and/or FastV / PyramidDrop / TTV / IGA after decoder layer i, or a fusion of those scores.
+    Candidates: LLaVA's image tokens; for Llama every token but the last. `stages`: dicts with kind
+    ('divprune' | 'fastervlm' | 'fastv' | 'pyramiddrop' | 'ttv' | 'iga' | 'fuse'), n_keep, `layer`
+    (None before the LLM), `positions` ('keep_original' | 'renumber'), and the method's params
+    (fastv `query`; ttv `accumulate_from`, `cos`; fuse `fusion`, `normalize`, `terms`)."""
 
     def __init__(self, model, stages: list[dict]):
         self.model, self.stages = model, stages
@@ -114,18 +282,51 @@ class HookReference:
             self.kept.append(set(state["patches"][0]))
         handles = []
 
+        def pre_llm_terms(stage, embeds, b, cands):
+            """Each term's scores over row b's candidates (divprune: minus its pick step)."""
+            rows = []
+            for kind, params in zip(term_kinds(stage), term_params(stage)):
+                if kind == "fastervlm":
+                    rows.append([float(v) for v in state["vision_cls"][b]])
+                elif kind == "vtc_cls":
+                    layers = range(params["start_layer"], state["feature"] + 1)
+                    rows.append([sum(float(state["vision"][i][b, :, 0].mean(dim=0)[j]) for i in layers)
+                                 for j in range(state["lead"], state["vision"][0].shape[-1])])
+                else:
+                    order = slow_divprune_order(embeds[b, cands], len(cands))
+                    rows.append([-float(order.index(i)) for i in range(len(cands))])
+            return rows
+
         def pre_llm(module, args, kwargs):
-            stage = next(s for s in self.stages if s["kind"] == "divprune")
-            embeds, mask = kwargs["inputs_embeds"], kwargs["attention_mask"]
+            embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
+            stage = next((s for s in self.stages if s["layer"] is None), None)
+            if stage is None:
+                state["mask2d"] = mask
+                return args, kwargs
             keep, locals_per_row = [], []
             for b, cands in enumerate(state["cands"]):
-                local = slow_divprune(embeds[b, cands], stage["n_keep"])
+                lead = state.get("lead", 0)
+                if stage["kind"] == "divprune":
+                    local = slow_divprune(embeds[b, cands], stage["n_keep"])
+                elif stage["kind"] == "hiprune":
+                    obj = slow_received(state["vision"][stage["object_layer"]][b])[lead:]
+                    deep = slow_received(state["vision"][state["feature"]][b])[lead:]
+                    local = slow_hiprune(obj, deep, stage["n_keep"], stage["alpha"])
+                elif stage["kind"] == "fopru":
+                    score = slow_received(state["vision"][state["feature"]][b])[lead:]
+                    local = (slow_topk(score, stage["n_keep"]) if stage["strategy"] == "rank"
+                             else slow_fopru_rows(score, stage["n_keep"]))
+                else:
+                    rows = pre_llm_terms(stage, embeds, b, cands)
+                    fused = rows[0] if stage["kind"] != "fuse" else fuse_rows(
+                        rows, term_weights(stage), stage["fusion"], stage["normalize"])
+                    local = slow_topk(fused, stage["n_keep"])
                 locals_per_row.append(local)
                 keep.append(keep_list(cands, [cands[i] for i in local], embeds.shape[1]))
             keep_patches(locals_per_row)
             state["cands"] = [[k.index(c) for c in cands if c in k] for k, cands in zip(keep, state["cands"])]
             kwargs["inputs_embeds"] = _gather_rows(embeds, keep, 1)
-            kwargs["attention_mask"] = _gather_rows(mask, keep, 1)
+            kwargs["attention_mask"] = state["mask2d"] = _gather_rows(mask, keep, 1)
             return args, kwargs
 
         def capture_attn(module, args, output):
@@ -144,6 +345,9 @@ class HookReference:
                 keep.append(keep_list(cands, [cands[i] for i in local], rows.shape[-1]))
             keep_patches(locals_per_row)
             state["cands"] = [[k.index(c) for c in cands if c in k] for k, cands in zip(keep, state["cands"])]
+            for summed in ("ttv", "spatten"):
+                if state[summed] is not None:
+                    state[summed] = _gather_rows(state[summed], keep, 1)
             prev = state["cur"] or [list(range(rows.shape[-1])) for _ in keep]
             state["cur"] = [[p[i] for i in k] for p, k in zip(prev, keep)]
             state["pending"] = (keep, rows.shape[-1])
@@ -159,8 +363,10 @@ class HookReference:
                 for stage in self.stages:
                     if stage["kind"] == "fastv" and stage["layer"] == index - 1:
                         cut(stage)
-                    if stage["kind"] == "pyramiddrop" and stage["layer"] == index - 1:
-                        cut(stage, next_layer_rows(module, args[0] if args else kwargs["hidden_states"], kwargs))
+                    if stage["kind"] in SITE_KINDS and stage["layer"] == index - 1:
+                        cut(stage, site_rows(stage))
+                    if stage["kind"] in ("pyramiddrop", "ttv", "iga", "fuse") and stage["layer"] == index - 1:
+                        cut(stage, in_llm_rows(stage, module, args[0] if args else kwargs["hidden_states"], kwargs))
                 if state["pending"] is not None:
                     keep, length = state["pending"]
                     hidden = args[0] if args else kwargs["hidden_states"]
@@ -190,28 +396,127 @@ class HookReference:
             mask = _gather_rows(_gather_rows(mask, state["cur"], 2), state["cur"], 3)
             return mask, _gather_rows(cos, state["pos"], 1), _gather_rows(sin, state["pos"], 1)
 
-        def next_layer_rows(layer, hidden, kwargs):
+        def next_layer_view(hidden, kwargs):
             mask, cos, sin = current_view(kwargs)
             if cos.shape[0] != hidden.shape[0]:
                 cos, sin = cos.expand(hidden.shape[0], -1, -1), sin.expand(hidden.shape[0], -1, -1)
-            return pyramiddrop_last_row(layer, hidden, cos, sin, mask[:, 0, -1])
+            return mask, cos, sin
+
+        def in_llm_rows(stage, layer, hidden, kwargs):
+            """[B, S] scores of a stage scored at the start of `layer` (the site's next layer)."""
+            mask, cos, sin = next_layer_view(hidden, kwargs)
+            term_rows = []
+            for kind in term_kinds(stage):
+                if kind == "pyramiddrop":
+                    term_rows.append(pyramiddrop_last_row(layer, hidden, cos, sin, mask[:, 0, -1]).double())
+                elif kind == "iga":  # queries: the tokens after each row's last candidate
+                    queries = [list(range(max(c) + 1, hidden.shape[1])) for c in state["cands"]]
+                    term_rows.append(next_layer_rows(layer, hidden, cos, sin, mask, queries))
+                else:
+                    term_rows.append(state["ttv"])
+            if stage["kind"] != "fuse":
+                return term_rows[0]
+            out = torch.zeros(hidden.shape[:2], dtype=torch.float64)
+            for b, cands in enumerate(state["cands"]):
+                fused = fuse_rows([[float(r[b, c]) for c in cands] for r in term_rows], term_weights(stage),
+                                  stage["fusion"], stage["normalize"])
+                out[b, cands] = torch.tensor(fused, dtype=torch.float64)
+            return out
+
+        def valid_now(b, length):
+            tokens = state["cur"][b] if state["cur"] is not None else list(range(length))
+            return [bool(state["mask2d"][b, t]) for t in tokens]
+
+        def keep_probs(index):
+            def hook(module, args, output):
+                probs = state["probs"][index] = output[1]
+                if spatten_first <= index <= spatten_last:
+                    layer = torch.tensor([slow_spatten_layer(probs[b], valid_now(b, probs.shape[-1]))
+                                          for b in range(probs.shape[0])], dtype=torch.float64)
+                    state["spatten"] = layer if state["spatten"] is None else state["spatten"] + layer
+            return hook
+
+        def site_rows(stage):
+            """[B, S] scores of a stage scored from its own layer's attention probabilities."""
+            probs = state["probs"][stage["layer"]]
+            out = torch.zeros(probs.shape[0], probs.shape[-1], dtype=torch.float64)
+            for b in range(probs.shape[0]):
+                valid = valid_now(b, probs.shape[-1])
+                if stage["kind"] == "spatten":
+                    row = state["spatten"][b].tolist()
+                elif stage["kind"] == "aim":
+                    row = slow_aim(probs[b], valid, stage["temperature"], stage["iterations"])
+                elif stage["kind"] == "a2sf":
+                    row = slow_a2sf(probs[b], valid, stage["forgetting"], stage["recent"], state["cands"][b])
+                else:  # lazyllm: the last token's row, head mean
+                    row = probs[b].double().mean(dim=0)[-1].tolist()
+                out[b] = torch.tensor(row, dtype=torch.float64)
+            return out
+
+        blocks = {}
+
+        def keep_block(name):
+            def hook(module, args, output):
+                blocks[name] = output[0] if isinstance(output, tuple) else output
+            return hook
+
+        def sum_transitions(index):
+            def hook(module, args, output):
+                blocks["mlp"] = output
+                if not ttv_first <= index <= ttv_last:
+                    return
+                length = output.shape[1]
+                rows = []
+                for b in range(output.shape[0]):
+                    valid = valid_now(b, length)
+                    attn = slow_ttv(blocks["input_layernorm"][b], blocks["self_attn"][b], valid, ttv_abs)
+                    ffn = slow_ttv(blocks["post_attention_layernorm"][b], output[b], valid, ttv_abs)
+                    rows.append([x + y for x, y in zip(attn, ffn)])
+                layer_ttv = torch.tensor(rows, dtype=torch.float64)
+                state["ttv"] = layer_ttv if state["ttv"] is None else state["ttv"] + layer_ttv
+            return hook
 
         def before_norm(module, args):
             for stage in self.stages:
                 if stage["kind"] == "fastv" and stage["layer"] == len(lm.layers) - 1:
                     cut(stage)
+                if stage["kind"] in SITE_KINDS and stage["layer"] == len(lm.layers) - 1:
+                    cut(stage, site_rows(stage))
             if state["pending"] is not None and args[0].shape[1] == state["pending"][1]:
                 return (_gather_rows(args[0], state["pending"][0], 1),)
             return None
 
+        ttv_stages = [(s["layer"], params) for s in self.stages for kind, params in zip(term_kinds(s), term_params(s))
+                      if kind == "ttv"]
+        ttv_first = min((p.get("accumulate_from", layer) for layer, p in ttv_stages), default=0)
+        ttv_last = max((layer for layer, _ in ttv_stages), default=-1)
+        ttv_abs = any(p.get("cos") == "abs" for _, p in ttv_stages)
+        state["ttv"] = state["spatten"] = None
+        state["probs"] = {}
+        spatten = [(s["layer"], s.get("accumulate_from", s["layer"])) for s in self.stages if s["kind"] == "spatten"]
+        spatten_first = min((first for _, first in spatten), default=0)
+        spatten_last = max((layer for layer, _ in spatten), default=-1)
+        if any(s["layer"] is None and k != "divprune" for s in self.stages for k in term_kinds(s)):
+            vision = self.model.model.vision_tower(pixel_values, output_attentions=True)
+            feature = self.model.config.vision_feature_layer  # hidden_states[h] is layer h-1's output
+            feature = (feature if feature < 0 else feature - 1) % len(vision.attentions)
+            lead = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
+            state["vision"] = [a.double() for a in vision.attentions]  # per layer [B, H, S, S]
+            state["feature"], state["lead"] = feature, lead
+            state["vision_cls"] = state["vision"][feature][:, :, 0].mean(dim=1)[:, lead:]
         try:
-            if any(s["kind"] == "divprune" and s["layer"] is None for s in self.stages):
-                handles.append(lm.register_forward_pre_hook(pre_llm, with_kwargs=True))
+            handles.append(lm.register_forward_pre_hook(pre_llm, with_kwargs=True))
             for stage in self.stages:
                 if stage["kind"] == "fastv":
                     handles.append(lm.layers[stage["layer"]].self_attn.register_forward_hook(capture_attn))
             for i, layer in enumerate(lm.layers):
                 handles.append(layer.register_forward_pre_hook(before_layer(i), with_kwargs=True))
+                if any(s["kind"] in SITE_KINDS for s in self.stages):
+                    handles.append(layer.self_attn.register_forward_hook(keep_probs(i)))
+                if ttv_stages:
+                    for name in ("input_layernorm", "self_attn", "post_attention_layernorm"):
+                        handles.append(getattr(layer, name).register_forward_hook(keep_block(name)))
+                    handles.append(layer.mlp.register_forward_hook(sum_transitions(i)))
             handles.append(lm.norm.register_forward_pre_hook(before_norm))
             images = {"pixel_values": pixel_values} if self.is_llava else {}
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
@@ -296,3 +601,46 @@ class VisionReference:
             return self.model(pixel_values=pixel_values, **extra).last_hidden_state
         finally:
             handle.remove()
+
+
+class VisionStagesReference:
+    """HF vision encoder (eager attention) with cuts after encoder layers, each keeping the top
+    `n_keep` patches by `score(probs)`, where probs is that layer's [H, S, S] attention for one
+    image; [CLS] and registers (the first `leading` tokens) are protected."""
+
+    def __init__(self, model, layers, stages: list[dict], leading: int, interpolate: bool):
+        model.set_attn_implementation("eager")
+        self.model, self.layers, self.stages = model, layers, stages
+        self.leading, self.interpolate = leading, interpolate
+
+    @torch.no_grad()
+    def __call__(self, pixel_values):
+        probs = {}
+        handles = []
+
+        def keep_probs(index):
+            def hook(module, args, output):
+                probs[index] = output[1]
+            return hook
+
+        def cut(stage):
+            def hook(module, args, output):
+                keep = []
+                for b in range(output.shape[0]):
+                    cands = list(range(self.leading, output.shape[1]))
+                    scores = stage["score"](probs[stage["layer"]][b])
+                    local = slow_topk([scores[c] for c in cands], stage["n_keep"])
+                    keep.append(keep_list(cands, [cands[i] for i in local], output.shape[1]))
+                return _gather_rows(output, keep, 1)
+            return hook
+
+        try:
+            for stage in self.stages:
+                layer = self.layers[stage["layer"]]
+                handles.append(layer.attention.register_forward_hook(keep_probs(stage["layer"])))
+                handles.append(layer.register_forward_hook(cut(stage)))
+            extra = {"interpolate_pos_encoding": True} if self.interpolate else {}
+            return self.model(pixel_values=pixel_values, **extra).last_hidden_state
+        finally:
+            for h in handles:
+                h.remove()

@@ -21,7 +21,8 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "conftest must enable the inte
 
 from prunec.kernels.attention_rows import attention_rows, attention_rows_torch  # noqa: E402
 from prunec.kernels.gather import gather_rows, gather_rows_torch  # noqa: E402
-from prunec.kernels.token_transition import token_transition, token_transition_torch  # noqa: E402
+from prunec.kernels.token_transition import token_transition  # noqa: E402
+from prunec.methods.transprune import token_transition as token_transition_torch  # noqa: E402
 from prunec.kernels.max_min_greedy import max_min_greedy  # noqa: E402
 from prunec.kernels.topk_spans import topk_spans  # noqa: E402
 from prunec.methods.divprune import divprune_keep  # noqa: E402
@@ -94,16 +95,23 @@ def test_attention_rows_match_torch(dtype, batch, heads, kv_heads, rows, seq, he
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 5, 8), (2, 37, 96), (3, 300, 130)])
 @pytest.mark.parametrize("abs_cos", [False, True])
-def test_token_transition_matches_torch(dtype, shape, abs_cos):
+@pytest.mark.parametrize("padded", [False, True])
+def test_token_transition_matches_torch(dtype, shape, abs_cos, padded):
     gen = torch.Generator().manual_seed(shape[1])
     x_in = torch.randn(shape, generator=gen).to(dtype)
     x_out = (0.5 * x_in.float() + torch.randn(shape, generator=gen)).to(dtype)
-    expected = token_transition_torch(x_in, x_out, abs_cos)
-    actual = token_transition(x_in, x_out, abs_cos)
+    valid = None
+    if padded:  # left padding of a different length per row
+        pads = torch.arange(shape[0]) * (shape[1] // 3)
+        valid = torch.arange(shape[1])[None, :] >= pads[:, None]
+    expected = token_transition_torch(x_in, x_out, valid, "abs" if abs_cos else "signed")
+    actual = token_transition(x_in, x_out, valid, abs_cos)
     torch.testing.assert_close(actual, expected, atol=ATOL * expected.abs().max().item() + ATOL, rtol=0)
-    # from the formula: dividing out the magnitude ratio leaves a softmax over each row's tokens
+    # from the formula: dividing out the magnitude ratio leaves a softmax over each row's valid tokens
+    valid = torch.ones(shape[:2], dtype=torch.bool) if valid is None else valid
     ratio = x_out.float().norm(dim=-1) / x_in.float().norm(dim=-1)
-    torch.testing.assert_close((actual / ratio).sum(-1), torch.ones(shape[0]), atol=1e-5, rtol=0)
+    assert torch.equal(actual[~valid], torch.zeros_like(actual[~valid]))
+    torch.testing.assert_close(torch.where(valid, actual / ratio, 0.0).sum(-1), torch.ones(shape[0]), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -203,10 +211,10 @@ def test_every_kernel_compiles_for_hopper():
                    "heads": "i32", "rows": "i32", "group": "i32", "n_keys": "i32", "n_blocks": "i32", "first_row": "i32",
                    "scale": "fp32", **strides, "stride_or": "i32"}, {**flags, "BLOCK_B": 64})
             build(token_transition.transition_stats_kernel,
-                  {"x_in_ptr": f"*{dtype}", "x_out_ptr": f"*{dtype}", "ratio_ptr": "*fp32", "turn_ptr": "*fp32",
-                   "n_tokens": "i32", "features": "i32", "eps": "fp32", "stride_ib": "i32", "stride_is": "i32",
-                   "stride_ob": "i32", "stride_os": "i32", "stride_rb": "i32"},
-                  {"ABS_COS": False, "BLOCK_S": 16, "BLOCK_D": 128})
+                  {"x_in_ptr": f"*{dtype}", "x_out_ptr": f"*{dtype}", "valid_ptr": "*i8", "ratio_ptr": "*fp32",
+                   "turn_ptr": "*fp32", "n_tokens": "i32", "features": "i32", "eps": "fp32", "stride_ib": "i32",
+                   "stride_is": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_vb": "i32", "stride_rb": "i32"},
+                  {"ABS_COS": False, "HAS_VALID": True, "BLOCK_S": 16, "BLOCK_D": 128})
         build(topk_spans.topk_spans_kernel,
               {"scores_ptr": "*fp32", "candidates_ptr": "*i8", "out_ptr": "*i64", "n_tokens": "i32", "n_keep": "i32",
                "stride_sb": "i32", "stride_cb": "i32", "stride_ob": "i32"}, {"BLOCK_S": 1024})

@@ -43,6 +43,9 @@ class Adapter:
     needs_seq_len: ClassVar[bool] = False
     needs_image: ClassVar[bool] = False
     generates: ClassVar[bool] = False                 # a causal LM: decode cost and KV cache apply
+    # (input module, block module) of each residual sub-block, relative to a layer: the block's
+    # input is the first module's output (a norm), its output the block's, before the residual add
+    sub_blocks: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, config: Any):
         self.config = config
@@ -111,12 +114,39 @@ class Adapter:
         of example inputs: how keep indices map back onto the image."""
         raise NotImplementedError(f"family {self.family} has no image patches")
 
+    def validity(self, graph: fx.Graph) -> fx.Node | None:
+        """A [B, S] bool node, True on real tokens and False on padding, built from the
+        `attention_mask` input right after it; None for families without one."""
+        mask = next((n for n in graph.nodes if n.op == "placeholder" and n.target == "attention_mask"), None)
+        if mask is None:
+            return None
+        for user in mask.users:  # one node serves every stage
+            if user.target is torch.ops.aten.ne.Scalar and user.args[1] == 0:
+                return user
+        with graph.inserting_after(mask):
+            valid = graph.call_function(torch.ops.aten.ne.Scalar, (mask, 0))
+        with mask.meta["val"].fake_mode:
+            valid.meta["val"] = torch.empty_like(mask.meta["val"], dtype=torch.bool)
+        return valid
+
+    def vision_feature_layer(self) -> int:
+        """For a pre-LLM site: the 0-indexed vision layer whose output the LLM receives."""
+        raise ValueError(f"family {self.family} has no vision tower feeding a later domain")
+
+    def vision_attention(self, gm: fx.GraphModule, layer: int) -> tuple[fx.Node, int]:
+        """For a pre-LLM site: (vision layer `layer`'s sdpa call, how many leading tokens of that
+        attention are not candidates, e.g. a [CLS] the projector never sees)."""
+        raise ValueError(f"family {self.family} has no vision tower feeding a later domain")
+
     def check_candidates(self, gm: fx.GraphModule, expected: int) -> None:
         """Raise ValueError if the captured graph disagrees with the config-derived count."""
 
     def output_cut(self, gm: fx.GraphModule, site: str) -> tuple[fx.Node, fx.Node]:
         """For a non-layer site: (the node after which to cut, the [B, S, D] value at the cut)."""
         raise NotImplementedError
+
+
+LLAMA_SUB_BLOCKS = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
 
 
 def llama_attention_dims(config) -> tuple[int, int]:

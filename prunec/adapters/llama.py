@@ -12,7 +12,7 @@ import torch
 import prunec.ops  # noqa: F401  (torch.ops.prunec.prefix_mask)
 
 from . import register_adapter
-from .base import Domain, TextAdapter, llama_attention_dims
+from .base import LLAMA_SUB_BLOCKS, Domain, TextAdapter, llama_attention_dims
 
 
 class _CausalLM(torch.nn.Module):
@@ -32,6 +32,7 @@ class LlamaAdapter(TextAdapter):
     generates = True
     span = "text"
     protectable = ("last",)
+    sub_blocks = LLAMA_SUB_BLOCKS
 
     def domains(self):
         return {"llm": Domain("llm", "hf.model.layers", self.config.num_hidden_layers, "hf.model.rotary_emb")}

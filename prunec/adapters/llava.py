@@ -13,10 +13,13 @@ from torch.export import Dim
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import register_adapter
-from .base import Adapter, Domain, ExampleShape, batch_dim, llama_attention_dims, module_path, random_token_ids
+from .base import (LLAMA_SUB_BLOCKS, Adapter, Domain, ExampleShape, batch_dim, llama_attention_dims, module_path,
+                   random_token_ids)
 
 _LLM = "hf.model.language_model"
 _PROJECTOR = "hf.model.multi_modal_projector"
+_VISION = "hf.model.vision_tower"
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 class _Llava(torch.nn.Module):
@@ -51,6 +54,7 @@ class LlavaAdapter(Adapter):
     needs_seq_len = True
     needs_image = True
     generates = True
+    sub_blocks = LLAMA_SUB_BLOCKS
 
     def domains(self):
         text = self.config.text_config
@@ -129,6 +133,23 @@ class LlavaAdapter(Adapter):
     def patch_positions(self, inputs, row):
         ids = inputs[0][row]
         return (ids == self.config.image_token_id).nonzero().flatten().tolist(), ids.shape[0]
+
+    def vision_feature_layer(self):
+        """hidden_states[h] is vision layer h-1's output; `vision_feature_layer` picks h."""
+        layer = self.config.vision_feature_layer % (self.config.vision_config.num_hidden_layers + 1) - 1
+        if layer < 0:
+            raise ValueError("vision_feature_layer selects the embeddings, which have no attention")
+        return layer
+
+    def vision_attention(self, gm, layer):
+        n_layers = self.config.vision_config.num_hidden_layers
+        sdpa = [n for n in gm.graph.nodes if n.target is _SDPA and module_path(n).startswith(_VISION)]
+        if len(sdpa) != n_layers:
+            raise ValueError(f"expected one scaled_dot_product_attention call per vision layer ({n_layers}), found "
+                             f"{len(sdpa)}; the vision tower must use attn_implementation sdpa")
+        if not 0 <= layer < n_layers or f".layers.{layer}." not in module_path(sdpa[layer]) + ".":
+            raise ValueError(f"vision layer {layer} has no attention in the captured graph (layers 0..{n_layers - 1})")
+        return sdpa[layer], int(self.config.vision_feature_select_strategy == "default")
 
     def check_candidates(self, gm, expected):
         projected = [n for n in gm.graph.nodes if module_path(n).startswith(_PROJECTOR)

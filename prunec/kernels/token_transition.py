@@ -14,9 +14,10 @@ import triton.language as tl
 
 
 @triton.jit
-def transition_stats_kernel(x_in_ptr, x_out_ptr, ratio_ptr, turn_ptr, n_tokens, features, eps,
-                            stride_ib, stride_is, stride_ob, stride_os, stride_rb,
-                            ABS_COS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def transition_stats_kernel(x_in_ptr, x_out_ptr, valid_ptr, ratio_ptr, turn_ptr, n_tokens, features, eps,
+                            stride_ib, stride_is, stride_ob, stride_os, stride_vb, stride_rb,
+                            ABS_COS: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_S: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     tokens = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     in_range = tokens < n_tokens
@@ -38,8 +39,14 @@ def transition_stats_kernel(x_in_ptr, x_out_ptr, ratio_ptr, turn_ptr, n_tokens, 
     cos = dot / tl.maximum(norm_in * norm_out, eps)
     if ABS_COS:
         cos = tl.abs(cos)
-    tl.store(ratio_ptr + b * stride_rb + tokens, norm_out / tl.maximum(norm_in, eps), mask=in_range)
-    tl.store(turn_ptr + b * stride_rb + tokens, 1.0 - cos, mask=in_range)
+    ratio = norm_out / tl.maximum(norm_in, eps)
+    turn = 1.0 - cos
+    if HAS_VALID:  # padding: out of the softmax, TTV 0
+        valid = tl.load(valid_ptr + b * stride_vb + tokens, mask=in_range, other=0) != 0
+        ratio = tl.where(valid, ratio, 0.0)
+        turn = tl.where(valid, turn, float("-inf"))
+    tl.store(ratio_ptr + b * stride_rb + tokens, ratio, mask=in_range)
+    tl.store(turn_ptr + b * stride_rb + tokens, turn, mask=in_range)
 
 
 @triton.jit
@@ -62,26 +69,22 @@ def weighted_softmax_kernel(turn_ptr, ratio_ptr, out_ptr, n_tokens, stride_b, BL
         tl.store(out_ptr + b * stride_b + tokens, tl.exp(x - top) / total * m, mask=in_range)
 
 
-def token_transition(x_in: torch.Tensor, x_out: torch.Tensor, abs_cos: bool = False, eps: float = 1e-12,
-                     block_s: int = 16, block_d: int = 128) -> torch.Tensor:
-    """[B, S, D] sub-block input and output -> [B, S] fp32 softmax_S(1 - cos) * |out| / |in|."""
+def token_transition(x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.Tensor | None = None,
+                     abs_cos: bool = False, eps: float = 1e-12, block_s: int = 16, block_d: int = 128) -> torch.Tensor:
+    """[B, S, D] sub-block input and output ([B, S] bool valid tokens) -> [B, S] fp32
+    softmax over valid tokens of (1 - cos), times |out| / |in|; 0 for padding."""
     batch, n_tokens, features = x_in.shape
     x_in = x_in if x_in.stride(-1) == 1 else x_in.contiguous()
     x_out = x_out if x_out.stride(-1) == 1 else x_out.contiguous()
     ratio = torch.empty((batch, n_tokens), dtype=torch.float32, device=x_in.device)
     turn = torch.empty_like(ratio)
+    flags = (valid.expand(batch, n_tokens).to(torch.int8).contiguous() if valid is not None
+             else ratio.new_empty((1, 1), dtype=torch.int8))
     transition_stats_kernel[(batch, triton.cdiv(n_tokens, block_s))](
-        x_in, x_out, ratio, turn, n_tokens, features, eps, x_in.stride(0), x_in.stride(1),
-        x_out.stride(0), x_out.stride(1), ratio.stride(0), ABS_COS=abs_cos, BLOCK_S=block_s, BLOCK_D=block_d)
+        x_in, x_out, flags, ratio, turn, n_tokens, features, eps, x_in.stride(0), x_in.stride(1),
+        x_out.stride(0), x_out.stride(1), flags.stride(0), ratio.stride(0), ABS_COS=abs_cos,
+        HAS_VALID=valid is not None, BLOCK_S=block_s, BLOCK_D=block_d)
     out = torch.empty_like(ratio)
     weighted_softmax_kernel[(batch,)](turn, ratio, out, n_tokens, ratio.stride(0), BLOCK_S=256)
     return out
 
-
-def token_transition_torch(x_in: torch.Tensor, x_out: torch.Tensor, abs_cos: bool = False,
-                           eps: float = 1e-12) -> torch.Tensor:
-    a, c = x_in.float(), x_out.float()
-    norm_in, norm_out = a.norm(dim=-1), c.norm(dim=-1)
-    cos = (a * c).sum(-1) / (norm_in * norm_out).clamp(min=eps)
-    turn = 1.0 - (cos.abs() if abs_cos else cos)
-    return torch.softmax(turn, dim=-1) * (norm_out / norm_in.clamp(min=eps))

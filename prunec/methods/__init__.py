@@ -2,7 +2,9 @@
 
 A *score* method maps signals to one score per token (higher = keep); the compiler keeps the top-k
 candidates. A *select* method returns the kept candidate indices itself (e.g. DivPrune's greedy
-max-min). Methods never see a model or a graph: the compiler hands them tensors.
+max-min) and may offer a score form (`score_fn`) so it can take part in a fusion. The *fuse* method
+combines other methods' scores (`methods/fuse.py`). Methods never see a model or a graph: the
+compiler hands them tensors.
 """
 from __future__ import annotations
 
@@ -11,23 +13,41 @@ from typing import Any, Callable
 
 # attention_qk: the site layer's own post-RoPE q/k (read from its sdpa call);
 # next_layer_qk: the next layer's q (last row) and k recomputed on the site's hidden states;
+# instruction_qk: the same for every query row (the method picks the instruction rows);
+# cls_attention: q/k of the attention whose [CLS] row scores the site's tokens (the site layer's own,
+#   or, before a VLM's LLM, the vision tower's feature layer);
+# layer_attention: q/k/mask of the layers `attention_layers(params, scoring layer)` names, for
+#   methods that read full attention maps (the scoring layer: the site's, or before a VLM's LLM the
+#   vision tower's feature layer);
+# transitions: each layer's sub-block inputs and outputs (attention and FFN), summed over layers;
 # hidden: the residual stream at the site.
-SIGNALS = ("attention_qk", "next_layer_qk", "hidden")
+SIGNALS = ("attention_qk", "next_layer_qk", "instruction_qk", "cls_attention", "layer_attention", "transitions",
+           "hidden")
+QK_SIGNALS = frozenset({"attention_qk", "next_layer_qk", "instruction_qk", "cls_attention", "layer_attention"})
+NEXT_LAYER_SIGNALS = frozenset({"next_layer_qk", "instruction_qk"})
 
 
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
     action: str                      # "prune" | "merge"
-    kind: str                        # "score" | "select"
+    kind: str                        # "score" | "select" | "fuse"
     signals: tuple[str, ...]         # what the compiler must tap at the site, from SIGNALS
     fn: Callable[..., Any]
     params_schema: dict[str, Any]    # JSON Schema of the `params:` mapping
     default_positions: str           # "keep_original" | "renumber"
     domains: tuple[str, ...] = ("llm", "vision")
     layer_sites_only: bool = False   # needs a layer's attention, so only `<domain>.layers[i]` sites
+    layer_domains: tuple[str, ...] | None = None  # domains whose layer sites work (default: domains)
     summary: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
+    source: str = ""                 # paper / official file the default variant follows
+    variants: dict[str, str] = field(default_factory=dict)  # param -> "official / other" choices
+    score_fn: Callable[..., Any] | None = None  # select methods: a score form for fusion
+    # layer_attention methods: the layers whose attention they read, from (params, scoring layer)
+    attention_layers: Callable[[dict[str, Any], int], list[int]] | None = None
+    accumulates: bool = False        # sums per-layer scores from `accumulate_from`, carried across stages
+    layer_params: tuple[str, ...] = ()  # params that choose layers: the compiler reads them, fn never sees them
 
 
 _METHODS: dict[str, MethodInfo] = {}
@@ -54,4 +74,36 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-from . import divprune, fastv, pyramiddrop  # noqa: E402,F401  (registration side effect, explicit list)
+def catalog() -> list[dict[str, Any]]:
+    """One row per registered method: what `prunec methods` prints."""
+    rows = []
+    for name in method_names():
+        info = _METHODS[name]
+        sites = [f"{d}.layers[i]" for d in (info.domains if info.layer_domains is None else info.layer_domains)]
+        if not info.layer_sites_only:
+            sites.append("pre-LLM / output sites")
+        rows.append({
+            "method": name, "action": info.action, "kind": info.kind, "sites": sites,
+            "signals": list(info.signals) or ["(its terms')"], "positions": info.default_positions,
+            "variants": info.variants, "params": sorted(info.params_schema.get("properties", {})),
+            "fusable": info.kind == "score" or info.score_fn is not None,
+            "summary": info.summary, "source": info.source,
+        })
+    return rows
+
+
+def terms(method: str, params: dict[str, Any]) -> list[tuple[str, dict[str, Any], float]]:
+    """The scores a stage computes: (method, params with defaults, weight), one per fused term."""
+    if get_method(method).kind != "fuse":
+        return [(method, params, 1.0)]
+    return [(t["method"], {**get_method(t["method"]).defaults, **t.get("params", {})}, float(t.get("weight", 1.0)))
+            for t in params["terms"]]
+
+
+def stage_signals(method: str, params: dict[str, Any]) -> set[str]:
+    """Every signal a stage needs, over its fused terms."""
+    return {s for name, _, _ in terms(method, params) for s in get_method(name).signals}
+
+
+from . import (a2sf, aim, divprune, fastervlm, fastv, fopru, fuse, hiprune, lazyllm, pyramiddrop,  # noqa: E402,F401
+               spatten, transprune, vtc_cls, zero_tprune)  # registration side effect, explicit list

@@ -22,13 +22,7 @@ def divprune_keep(features: torch.Tensor, n_keep: int, greedy=None) -> torch.Ten
         greedy: the greedy loop to use (`greedy_max_min`, or a kernel with its signature).
     Returns: [B, n_keep] int64 indices into N, sorted ascending.
     """
-    normed = torch.nn.functional.normalize(features.float(), dim=-1)
-    distance = 1.0 - normed @ normed.transpose(1, 2)  # [B, N, N]
-    if features.shape[1] == 1:
-        first = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
-    else:
-        first = distance.kthvalue(2, dim=1).values.argmax(dim=1)  # farthest nearest other token
-    return (greedy or greedy_max_min)(distance, first, n_keep).sort(dim=1).values
+    return divprune_keep_order(features, n_keep, greedy).sort(dim=1).values
 
 
 def greedy_max_min(distance: torch.Tensor, first: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -47,6 +41,25 @@ def greedy_max_min(distance: torch.Tensor, first: torch.Tensor, n_keep: int) -> 
     return torch.stack(chosen, dim=1)
 
 
+def diversity_order_scores(features: torch.Tensor) -> torch.Tensor:
+    """DivPrune's score form, for fusion: run the greedy over all N tokens; a token picked at step t
+    scores -t (the first pick 0, the last -(N-1)). [B, N, D] -> [B, N] float32."""
+    order = divprune_keep_order(features, features.shape[1])
+    steps = torch.arange(features.shape[1], device=features.device, dtype=torch.float32)
+    return torch.empty_like(steps).expand_as(order).clone().scatter_(1, order, -steps.expand_as(order))
+
+
+def divprune_keep_order(features: torch.Tensor, n_keep: int, greedy=None) -> torch.Tensor:
+    """Like `divprune_keep`, in pick order instead of sorted."""
+    normed = torch.nn.functional.normalize(features.float(), dim=-1)
+    distance = 1.0 - normed @ normed.transpose(1, 2)  # [B, N, N]
+    if features.shape[1] == 1:
+        first = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
+    else:
+        first = distance.kthvalue(2, dim=1).values.argmax(dim=1)  # farthest nearest other token
+    return (greedy or greedy_max_min)(distance, first, n_keep)
+
+
 register_method(MethodInfo(
     name="divprune",
     action="prune",
@@ -56,4 +69,6 @@ register_method(MethodInfo(
     params_schema={"type": "object", "additionalProperties": False, "properties": {}},
     default_positions="renumber",
     summary="greedy max-min cosine diversity over the candidate tokens' hidden states",
+    source="vbdi/divprune LLaVA/llava/model/llava_arch.py::DivPrune",
+    score_fn=diversity_order_scores,
 ))

@@ -40,4 +40,5 @@ register_method(MethodInfo(
     domains=("llm",),
     layer_sites_only=True,
     summary="next layer's attention from the last token (recomputed q/k, head mean); top-k of image tokens",
+    source="Cooperx521/PyramidDrop llava/model/modeling_llama_pdrop.py::pdrop_rank_drop",
 ))

@@ -1,0 +1,401 @@
+"""The method library: each method against a slow reference written from its formula, every preset
+against a hook-based eager reference, and score fusion composed in YAML."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, assert_close_on_real_tokens, llava_inputs
+from reference import (HookReference, VisionStagesReference, fuse_rows, reference_stages, slow_divprune_order,
+                       slow_pagerank, slow_ranks, slow_topk, slow_ttv)
+
+import prunec
+from prunec.methods import get_method, method_names
+from prunec.methods.divprune import diversity_order_scores
+from prunec.methods.fastervlm import cls_attention
+from prunec.methods.fuse import fuse_scores
+from prunec.methods.transprune import instruction_attention, token_transition
+from prunec.models import load_model
+
+PRESETS = sorted((REPO / "specs").glob("*.yaml"))
+
+
+def _candidates(batch: int, seq: int, spans: list[tuple[int, int]]) -> torch.Tensor:
+    mask = torch.zeros(batch, seq, dtype=torch.bool)
+    for b, (start, stop) in enumerate(spans):
+        mask[b, start:stop] = True
+    return mask
+
+
+# -- golden tests: pure functions against formulas ---------------------------------------------
+
+
+@pytest.mark.parametrize("batch, seq, dim", [(1, 5, 8), (3, 23, 40), (2, 64, 17)])
+@pytest.mark.parametrize("cos", ["signed", "abs"])
+def test_ttv_matches_its_formula(batch, seq, dim, cos):
+    gen = torch.Generator().manual_seed(seq)
+    x_in = torch.randn(batch, seq, dim, generator=gen)
+    x_out = 0.3 * x_in + torch.randn(batch, seq, dim, generator=gen)
+    valid = torch.arange(seq)[None, :] >= (torch.arange(batch) * 2)[:, None]  # left padding 0, 2, 4
+    actual = token_transition(x_in, x_out, valid, cos)
+    for b in range(batch):
+        expected = slow_ttv(x_in[b], x_out[b], valid[b].tolist(), absolute=cos == "abs")
+        torch.testing.assert_close(actual[b].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+
+
+def _slow_instruction_attention(q, k, candidates, causal_pad):
+    """IGA from its definition, one row and head at a time: query rows after the last candidate,
+    keys up to the row (causal) and past the row's padding; softmax, head mean, row mean."""
+    batch, heads, seq, hd = q.shape
+    out = torch.zeros(batch, seq, dtype=torch.float64)
+    for b in range(batch):
+        last = max(i for i in range(seq) if candidates[b, i])
+        rows = range(last + 1, seq)
+        for r in rows:
+            keys = [j for j in range(seq) if causal_pad[b] <= j <= r]
+            for h in range(heads):
+                kh = k[b, h // (heads // k.shape[1])]
+                logits = [float(q[b, h, r].double() @ kh[j].double()) * hd ** -0.5 for j in keys]
+                top = max(logits)
+                weights = [math.exp(x - top) for x in logits]
+                for j, w in zip(keys, weights):
+                    out[b, j] += w / sum(weights) / heads / len(rows)
+    return out
+
+
+@pytest.mark.parametrize("batch, seq, heads, kv_heads, spans", [
+    (1, 12, 2, 2, [(2, 8)]),
+    (3, 20, 4, 2, [(3, 10), (5, 17), (4, 19)]),  # instruction lengths 10, 3, 1
+])
+def test_iga_matches_its_formula(batch, seq, heads, kv_heads, spans):
+    gen = torch.Generator().manual_seed(seq)
+    q = torch.randn(batch, heads, seq, 8, generator=gen)
+    k = torch.randn(batch, kv_heads, seq, 8, generator=gen)
+    pads = [0, 1, 2][:batch]
+    valid = torch.arange(seq)[None, :] >= torch.tensor(pads)[:, None]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    mask = (causal[None] & valid[:, None, :])[:, None]  # [B, 1, S, S] bool
+    candidates = _candidates(batch, seq, spans)
+    actual = instruction_attention(q, k, mask, 8 ** -0.5, False, candidates)
+    torch.testing.assert_close(actual.double(), _slow_instruction_attention(q, k, candidates, pads), atol=1e-6, rtol=0)
+    causal_flag = instruction_attention(q, k, valid[:, None, None, :], 8 ** -0.5, True, candidates)
+    torch.testing.assert_close(causal_flag, actual, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("batch, tokens, heads", [(1, 5, 2), (3, 17, 4)])
+def test_fastervlm_cls_attention_matches_its_formula(batch, tokens, heads):
+    gen = torch.Generator().manual_seed(tokens)
+    q = torch.randn(batch, heads, tokens, 8, generator=gen)
+    k = torch.randn(batch, heads, tokens, 8, generator=gen)
+    actual = cls_attention(q, k, None, 0.3)
+    for b in range(batch):
+        for j in range(tokens):
+            expected = sum(math.exp(0.3 * float(q[b, h, 0] @ k[b, h, j])) /
+                           sum(math.exp(0.3 * float(q[b, h, 0] @ k[b, h, i])) for i in range(tokens))
+                           for h in range(heads)) / heads
+            assert abs(float(actual[b, j]) - expected) < 1e-6
+
+
+@pytest.mark.parametrize("batch, n, dim", [(1, 6, 4), (2, 19, 7)])
+def test_divprune_score_form_is_minus_the_pick_step(batch, n, dim):
+    features = torch.randn(batch, n, dim, generator=torch.Generator().manual_seed(n))
+    actual = diversity_order_scores(features)
+    for b in range(batch):
+        order = slow_divprune_order(features[b], n)
+        assert actual[b].tolist() == [-float(order.index(i)) for i in range(n)]
+
+
+def _slow_probs(q, k, scale, allowed) -> torch.Tensor:
+    """[B, H, S, S] softmax attention from the definition, one (row, head, query) at a time;
+    allowed(b, i, j) says whether query i may attend to key j. A row with no key is all zeros."""
+    batch, heads, seq, _ = q.shape
+    out = torch.zeros(batch, heads, seq, seq, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            kh = k[b, h // (heads // k.shape[1])].double()
+            for i in range(seq):
+                keys = [j for j in range(seq) if allowed(b, i, j)]
+                if not keys:
+                    continue
+                logits = [float(q[b, h, i].double() @ kh[j]) * scale for j in keys]
+                top = max(logits)
+                total = sum(math.exp(x - top) for x in logits)
+                for j, x in zip(keys, logits):
+                    out[b, h, i, j] = math.exp(x - top) / total
+    return out
+
+
+def _qk(batch, heads, kv_heads, seq, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, heads, seq, 8, generator=gen), torch.randn(batch, kv_heads, seq, 8, generator=gen)
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, seq", [(1, 2, 2, 9), (3, 4, 2, 14)])
+def test_llm_attention_map_scores_match_their_formulas(batch, heads, kv_heads, seq):
+    """SpAtten, AIM, A2SF, LazyLLM on a causal, left-padded batch, against loop-built probabilities."""
+    from prunec.methods.a2sf import forgetting_attention
+    from prunec.methods.aim import sharpened_pagerank
+    from prunec.methods.fastv import attention_received
+    from prunec.methods.spatten import cumulative_attention
+    from reference import slow_a2sf, slow_pagerank, slow_spatten_layer
+
+    q, k = _qk(batch, heads, kv_heads, seq, seq)
+    pads = [0, 2, 4][:batch]
+    valid = torch.arange(seq)[None, :] >= torch.tensor(pads)[:, None]
+    mask = (torch.ones(seq, seq, dtype=torch.bool).tril()[None] & valid[:, None, :])[:, None]
+    candidates = valid.clone()
+    candidates[:, -1] = False
+    args = ([q], [k], [mask], [0.35], False, valid)
+    probs = _slow_probs(q, k, 0.35, lambda b, i, j: pads[b] <= j <= i)
+    tau, iterations = 0.3, 4
+    sharp = _slow_probs(q, k, 0.35 / tau, lambda b, i, j: pads[b] <= j <= i)  # softmax(logits / tau)
+    checks = {
+        "spatten": (cumulative_attention(*args), [slow_spatten_layer(probs[b], valid[b].tolist()) for b in range(batch)]),
+        "aim": (sharpened_pagerank(*args, temperature=tau, iterations=iterations),
+                [slow_pagerank(sharp[b], [1.0 / (seq - pads[b]) * float(v) for v in valid[b]], iterations)
+                 for b in range(batch)]),
+        "a2sf": (forgetting_attention(*args, candidates=candidates, forgetting=0.8, recent=3),
+                 [slow_a2sf(probs[b], valid[b].tolist(), 0.8, 3, candidates[b].nonzero().flatten().tolist())
+                  for b in range(batch)]),
+        "lazyllm": (attention_received(q, k, mask, 0.35, False, "last"), [probs[b].mean(dim=0)[-1].tolist()
+                                                                           for b in range(batch)]),
+    }
+    for name, (actual, expected) in checks.items():
+        expected = torch.tensor(expected, dtype=torch.float64)
+        finite = torch.isfinite(expected)
+        assert torch.equal(finite, torch.isfinite(actual)), name
+        torch.testing.assert_close(actual.double()[finite], expected[finite], atol=1e-6, rtol=1e-5, msg=name)
+        for b in range(batch):  # and the same selection, ties to the lower index
+            cands = candidates[b].nonzero().flatten().tolist()
+            n_keep = len(cands) // 2
+            top = torch.sort(actual[b, cands], descending=True, stable=True).indices[:n_keep].sort().values.tolist()
+            assert top == slow_topk([float(expected[b, c]) for c in cands], n_keep), name
+
+
+@pytest.mark.parametrize("batch, heads, side", [(1, 2, 3), (2, 4, 4)])
+def test_vision_attention_map_methods_match_their_formulas(batch, heads, side):
+    """Zero-TPrune, VTC-CLS, HiPrune and FoPru (rank and row) on [CLS] + a side x side grid."""
+    from prunec.methods.fopru import fopru_keep
+    from prunec.methods.hiprune import hiprune_keep
+    from prunec.methods.vtc_cls import cls_attention_sum
+    from prunec.methods.zero_tprune import weighted_pagerank
+    from reference import slow_fopru_rows, slow_hiprune, slow_received
+
+    seq = side * side + 1
+    layers = [_qk(batch, heads, heads, seq, seed) for seed in (1, 2)]
+    probs = [_slow_probs(q, k, 0.4, lambda b, i, j: True) for q, k in layers]
+    qs, ks = [q for q, _ in layers], [k for _, k in layers]
+    lists = (qs, ks, [None, None], [0.4, 0.4], False)
+    pagerank = weighted_pagerank(qs[1:], ks[1:], [None], [0.4], False, None, iterations=7)
+    vtc = cls_attention_sum(*lists, None)
+    n = side * side
+    for b in range(batch):
+        expected = slow_pagerank(probs[1][b], [1.0 / seq] * seq, 7)
+        torch.testing.assert_close(pagerank[b].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-7, rtol=1e-5)
+        cls_sum = [float(probs[0][b, :, 0, j].mean() + probs[1][b, :, 0, j].mean()) for j in range(seq)]
+        torch.testing.assert_close(vtc[b].double(), torch.tensor(cls_sum, dtype=torch.float64), atol=1e-7, rtol=1e-5)
+    for n_keep, alpha in [(n // 2, 1.0), (n - 1, 0.6), (2, 0.1)]:
+        kept = hiprune_keep(*lists, n, n_keep, alpha=alpha)
+        for b in range(batch):
+            obj, deep = (slow_received(p[b])[1:] for p in probs)
+            assert kept[b].tolist() == slow_hiprune(obj, deep, n_keep, alpha), (n_keep, alpha)
+        for strategy in ("rank", "row"):
+            kept = fopru_keep(qs[1:], ks[1:], [None], [0.4], False, n, n_keep, strategy=strategy)
+            for b in range(batch):
+                score = slow_received(probs[1][b])[1:]
+                expected = slow_topk(score, n_keep) if strategy == "rank" else slow_fopru_rows(score, n_keep)
+                assert kept[b].tolist() == expected, strategy
+
+
+@pytest.mark.parametrize("fusion, normalize", [("weighted_sum", "sum"), ("weighted_sum", "minmax"),
+                                               ("weighted_sum", "none"), ("rank", "sum")])
+def test_fusion_matches_its_definition(fusion, normalize):
+    gen = torch.Generator().manual_seed(3)
+    batch, seq = 3, 15
+    candidates = _candidates(batch, seq, [(2, 9), (0, 15), (4, 6)])
+    scores = [torch.rand(batch, seq, generator=gen), torch.randint(0, 4, (batch, seq), generator=gen).float()]
+    weights = [0.7, 0.3]
+    actual = fuse_scores(scores, candidates, weights, fusion, normalize)
+    for b in range(batch):
+        cands = candidates[b].nonzero().flatten().tolist()
+        expected = fuse_rows([[float(s[b, c]) for c in cands] for s in scores], weights, fusion, normalize)
+        torch.testing.assert_close(actual[b, cands].double(), torch.tensor(expected, dtype=torch.float64),
+                                   atol=1e-6, rtol=0)
+        assert actual[b, ~candidates[b]].abs().sum() == 0
+
+
+def test_rank_fusion_breaks_ties_by_the_lower_index():
+    assert slow_ranks([1.0, 3.0, 3.0, 0.5]) == [2, 0, 1, 3]
+    candidates = torch.ones(1, 4, dtype=torch.bool)
+    fused = fuse_scores([torch.tensor([[1.0, 3.0, 3.0, 0.5]])], candidates, [1.0], "rank", "sum")
+    assert fused.tolist() == [[-2.0, 0.0, -1.0, -3.0]]
+
+
+# -- presets: validate, build, equal a hook reference -------------------------------------------
+
+
+def _hf(plan):
+    return load_model(plan.lock["model"], plan.spec.base_dir)
+
+
+@pytest.fixture(scope="module")
+def built_presets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("presets")
+    cache = {}
+
+    def get(path: Path):
+        if path not in cache:
+            artifact = prunec.build(path, root / path.stem)
+            cache[path] = (prunec.plan(path), prunec.load(artifact))
+        return cache[path]
+    return get
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 2, 5]], ids=["batch1", "batch3-left-padded"])
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_matches_hook_reference(built_presets, preset, pads):
+    plan, module = built_presets(preset)
+    family = plan.adapter.family
+    if family == "vit":
+        return _check_vision_preset(plan, module, batch=len(pads))
+    reference = HookReference(_hf(plan), reference_stages(plan))
+    seq_len = plan.lock["inputs"]["seq_len"]
+    dropped = sum(s.n_candidates - s.n_keep for s in plan.stages)
+    if family == "llava":
+        ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=seq_len, seed=11 + len(pads))
+        with torch.no_grad():
+            actual = module(ids, mask, pixels)
+        expected = reference(ids, mask, pixels)
+        assert actual.shape[1] == seq_len - dropped
+        return assert_close_on_real_tokens(actual, expected, pads, 1e-5)
+    assert family == "llama", family
+    ids = torch.randint(3, 200, (len(pads), seq_len), generator=torch.Generator().manual_seed(11 + len(pads)))
+    mask = torch.ones_like(ids)
+    for b, pad in enumerate(pads):
+        mask[b, :pad] = 0
+    with torch.no_grad():
+        actual = module(ids, mask)
+    expected = reference(ids, mask)
+    assert actual.shape[1] == seq_len - dropped
+    for b, kept in enumerate(reference.final_tokens):  # a kept pad's fully masked row differs (sdpa/eager)
+        real = mask[b, kept].bool()
+        torch.testing.assert_close(actual[b, real], expected[b, real], atol=1e-5, rtol=0)
+
+
+def _vision_score(stage: dict):
+    assert stage["kind"] == "zero_tprune", stage["kind"]
+    return lambda probs: slow_pagerank(probs, [1.0 / probs.shape[-1]] * probs.shape[-1], stage["iterations"])
+
+
+def _check_vision_preset(plan, module, batch: int):
+    hf = _hf(plan)
+    layers = dict(hf.named_modules())[plan.adapter.domains()["vision"].layers_path.removeprefix("hf.")]
+    stages = [dict(s, score=_vision_score(s)) for s in reference_stages(plan)]
+    reference = VisionStagesReference(hf, layers, stages, plan.adapter.leading_tokens(), interpolate=True)
+    pixels = torch.randn(batch, 3, 28, 28, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        torch.testing.assert_close(module(pixels), reference(pixels), atol=1e-5, rtol=0)
+
+
+def test_transprune_terms_select_differently(built_presets):
+    """On these inputs IGA alone keeps other tokens than TTV (+ IGA): the reference is sensitive to
+    which score runs. (On random weights TTV dominates the sum-normalized fusion: early tokens get
+    less-averaged attention outputs, hence larger norm ratios; the IGA-only specs below check IGA.)"""
+    plan, _ = built_presets(REPO / "specs" / "transprune-high.yaml")
+    kept = []
+    for weights in ([0.5, 0.5], [0.0, 1.0]):
+        stages = reference_stages(plan)
+        for stage in stages:
+            stage["terms"] = [dict(t, weight=w) for t, w in zip(stage["terms"], weights)]
+        reference = HookReference(_hf(plan), stages)
+        ids, mask, pixels = llava_inputs(reference.model.config, [0, 2, 5], seq_len=40, seed=14)
+        reference(ids, mask, pixels)
+        kept.append(reference.kept)
+    assert kept[0] != kept[1]
+
+
+SCORE_SPECS = {
+    "hiprune-with-anchors": """
+        pipeline:
+          - {site: projector.output, method: hiprune, params: {object_layer: 0, alpha: 0.8}, keep: {count: 10}}
+    """,
+    "fopru-rank-then-lazyllm": """
+        pipeline:
+          - {site: projector.output, method: fopru, params: {strategy: rank}, keep: {count: 7}}
+          - {site: "llm.layers[1]", method: lazyllm, keep: {count: 4}}
+    """,
+    "iga": """
+        pipeline:
+          - {site: "llm.layers[0, 2]", method: iga, keep: {count: [9, 4]}}
+    """,
+    "ttv-abs-accumulated-keep-original": """
+        pipeline:
+          - {site: "llm.layers[1, 2]", method: ttv, params: {accumulate_from: 0, cos: abs},
+             keep: {count: [10, 5]}, positions: keep_original}
+    """,
+    "fastv-then-fused-iga-pyramiddrop-minmax": """
+        pipeline:
+          - {site: "llm.layers[0]", method: fastv, keep: {count: 12}}
+          - site: "llm.layers[2]"
+            method: fuse
+            params:
+              normalize: minmax
+              terms: [{method: iga, weight: 2}, {method: pyramiddrop, weight: 1}]
+            keep: {count: 5}
+    """,
+}
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 2, 5]], ids=["batch1", "batch3-left-padded"])
+@pytest.mark.parametrize("name", sorted(SCORE_SPECS))
+def test_scores_match_hook_reference(build, name, pads):
+    plan, module, _ = build(f"""
+        prunec: 1
+        name: {name}
+        model: {{builtin: tiny-llava}}
+        inputs: {{batch: 2, seq_len: 30}}
+    """ + SCORE_SPECS[name])
+    reference = HookReference(_hf(plan), reference_stages(plan))
+    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=30, seed=3 + len(pads))
+    with torch.no_grad():
+        actual = module(ids, mask, pixels)
+    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
+
+
+def test_rank_fusion_of_fastervlm_and_divprune_composes_in_yaml(build):
+    """FasterVLM's [CLS] score and DivPrune's diversity order, rank-fused, from YAML alone."""
+    plan, module, _ = build("""
+        prunec: 1
+        name: cls-diversity-rank
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 30}
+        pipeline:
+          - site: projector.output
+            method: fuse
+            params:
+              fusion: rank
+              terms: [{method: fastervlm, weight: 1}, {method: divprune, weight: 1}]
+            keep: {count: 6}
+    """)
+    reference = HookReference(_hf(plan), reference_stages(plan))
+    pads = [0, 3]
+    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=30, seed=5)
+    with torch.no_grad():
+        actual = module(ids, mask, pixels)
+    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
+    # the fusion differs from either term alone on these inputs
+    alone = [HookReference(_hf(plan), [dict(reference_stages(plan)[0], kind=k)]) for k in ("fastervlm", "divprune")]
+    fused_kept = reference.kept
+    for ref in alone:
+        ref(ids, mask, pixels)
+        assert ref.kept != fused_kept
+
+
+def test_every_method_is_registered_with_a_source_and_schema():
+    for name in method_names():
+        info = get_method(name)
+        assert info.source and info.summary and info.params_schema["type"] == "object"
+        assert set(info.defaults) <= set(info.params_schema.get("properties", {}))
