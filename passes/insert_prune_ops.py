@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import operator
 
 import torch
 from torch import fx
 
 import prunec.ops  # noqa: F401  (registers torch.ops.prunec)
+from prunec.adapters.base import module_path
 from prunec.context import ROLE, CompileContext, StageRecord
 from prunec.errors import BuildError
 from prunec.methods import get_method, terms
@@ -154,6 +156,15 @@ def _term_scores(add: _Appender, record: StageRecord, method: str, params: dict,
         return scores
     if signal == "hidden":
         return add("score", _OPS.diversity_scores.default, (record.site_value, candidates, stage.n_candidates))
+    if signal == "text_raters":  # chosen once from the LLM input, then carried (text is never pruned)
+        raters = carried.get((stage.domain, "raters"))
+        if raters is None:
+            raters = add("score", _OPS.text_raters.default, (record.llm_input, candidates))
+            raters.meta["val"] = _row_val(record.site_value, torch.bool)
+            carried[(stage.domain, "raters")] = raters
+        sdpa, scale, causal = _attention(record, record.attention, "the layer's attention")
+        return add("score", _OPS.rater_attention.default,
+                   (sdpa["query"], sdpa["key"], sdpa.get("attn_mask"), scale, causal, raters))
     if signal == "attention_qk" or (signal == "cls_attention" and stage.layer is not None):
         sdpa, scale, causal = _attention(record, record.attention, "the layer's attention")
         query = params.get("query", "last") if signal == "attention_qk" else "first"
@@ -188,6 +199,39 @@ def _sum_transitions(add: _Appender, record: StageRecord, carried: fx.Node | Non
     return total
 
 
+def _proportional_attention(gm: fx.GraphModule, ctx: CompileContext, record: StageRecord, size: fx.Node) -> None:
+    """Add log(size) to the attention logits of the domain's later layers, up to the next ToMe stage
+    (which adds its own sizes)."""
+    stage, graph = record.stage, gm.graph
+    later = [s.layer for s in ctx.plan.stages if s.domain == stage.domain and s.method == "tome" and s.layer > stage.layer]
+    domain = ctx.adapter.domains()[stage.domain]
+
+    def make(target, args, kwargs=None):
+        node = graph.call_function(target, args, kwargs or {})
+        node.meta[ROLE] = "score"
+        return node
+
+    for layer in range(stage.layer + 1, min(later, default=domain.num_layers - 1) + 1):
+        for node in [n for n in graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default
+                     and f"{domain.layers_path}.{layer}." in module_path(n) + "."]:
+            mask = _sdpa_args(node).get("attn_mask")
+            with graph.inserting_before(node):
+                bias = make(torch.ops.aten.log.default, (size,))
+                bias = make(torch.ops.aten.unsqueeze.default, (make(torch.ops.aten.unsqueeze.default, (bias, 1)), 1))
+                bias = make(torch.ops.aten._to_copy.default, (bias,), {"dtype": node.args[0].meta["val"].dtype})
+                if mask is not None and mask.meta["val"].dtype == torch.bool:
+                    bias = make(torch.ops.aten.masked_fill.Scalar,
+                                (bias, make(torch.ops.aten.logical_not.default, (mask,)), float("-inf")))
+                elif mask is not None:
+                    bias = make(torch.ops.aten.add.Tensor, (mask, bias))
+            if "attn_mask" in node.kwargs:
+                node.kwargs = {**node.kwargs, "attn_mask": bias}
+            else:
+                args = list(node.args) + [None] * (4 - len(node.args))
+                args[3] = bias
+                node.args = tuple(args)
+
+
 def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Guarantees: every record has index, gathered and kept_len nodes; nothing downstream changed yet."""
     graph = gm.graph
@@ -207,10 +251,31 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             carried[(stage.domain, "ttv")] = record.transitions
         if info.kind == "select" and "layer_attention" in info.signals:
             qs, ks, masks, scales, causal = _attention_lists(record, stage.method)
+            hidden = record.site_value if "hidden" in info.signals else None
             index = add("select", _OPS.select_by_attention.default,
-                        (stage.method, _params_json(stage.method, stage.param_dict), qs, ks, masks, scales, causal, candidates, *sizes))
+                        (stage.method, _params_json(stage.method, stage.param_dict), qs, ks, masks, scales, causal,
+                         candidates, *sizes, hidden))
         elif info.kind == "select":
             index = add("select", _OPS.select_divprune.default, (record.site_value, candidates, *sizes))
+        elif stage.method == "tome":
+            sdpa, _, _ = _attention(record, record.attention, "the layer's attention")
+            merge = add("select", _OPS.tome_merge.default,
+                        (record.site_value, carried.get((stage.domain, "size")), sdpa["key"], candidates, *sizes))
+            index = add("select", operator.getitem, (merge, 0))
+            source = add("select", operator.getitem, (merge, 1), meta_from=record.site_value)
+            size = add("select", operator.getitem, (merge, 2))
+            size.meta["val"] = _row_val(record.site_value)  # full length: propagate_tokens gathers it
+            carried[(stage.domain, "size")] = size
+            if stage.param_dict["proportional_attention"]:
+                _proportional_attention(gm, ctx, record, size)
+        elif info.kind == "merge":
+            qs, ks, masks, scales, causal = (_attention_lists(record, stage.method) if "layer_attention" in info.signals
+                                             else ([], [], [], [], False))
+            merge = add("select", _OPS.merge_candidates.default,
+                        (stage.method, _params_json(stage.method, stage.param_dict), record.site_value, candidates,
+                         *sizes, qs, ks, masks, scales, causal))
+            index = add("select", operator.getitem, (merge, 0))
+            source = add("select", operator.getitem, (merge, 1), meta_from=record.site_value)
         else:
             fused = terms(stage.method, stage.param_dict)
             scores = [_term_scores(add, record, m, p, candidates, carried, valid) for m, p, _ in fused]
@@ -220,8 +285,9 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                               (scores, candidates, [w for _, _, w in fused], params["fusion"], params["normalize"]))]
             index = add("select", _OPS.select_topk.default, (scores[0], candidates, *sizes))
         record.index = index
-        record.gathered = add("gather", _OPS.gather_tokens.default, (record.site_value, index, [1]),
-                              meta_from=record.site_value)
+        if info.kind != "merge":
+            source = record.site_value
+        record.gathered = add("gather", _OPS.gather_tokens.default, (source, index, [1]), meta_from=record.site_value)
         record.kept_len = add("kept_len", torch.ops.aten.sym_size.int, (record.gathered, 1))
         record.kept_len.meta["val"] = record.token_size
         record.block_end = add.last

@@ -93,6 +93,11 @@ def locate_sites(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 scoring = stage.layer if stage.layer is not None else _feature_layer(ctx, stage)
                 layers = layers if layers is not None else info.attention_layers(params, scoring)
                 record.layer_attention[method] = [_attention_at(gm, ctx, stage, i) for i in layers]
+        if "text_raters" in record.signals:
+            try:
+                record.llm_input = ctx.adapter.output_cut(gm, "projector.output")[1]
+            except (NotImplementedError, ValueError) as exc:
+                raise BuildError(f"site {stage.site}: text raters need the LLM input embeddings: {exc}") from None
         if "cls_attention" in record.signals and stage.layer is None:
             record.feature_attention = _attention_at(gm, ctx, stage, _feature_layer(ctx, stage))
         if stage.layer is not None:

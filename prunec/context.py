@@ -31,6 +31,7 @@ class StageRecord:
     feature_attention: tuple[fx.Node, int] | None = None  # (sdpa, leading non-candidates) whose
                                                           # [CLS] row scores an output site's tokens
     transition_pairs: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # sub-block (in, out), layers summed
+    llm_input: fx.Node | None = None    # [B, S, D] embeddings entering the LLM (text_raters)
     transitions: fx.Node | None = None  # [B, S] TTV summed up to this stage (carried across stages)
     layer_attention: dict[str, list[tuple[fx.Node, int]]] = field(default_factory=dict)  # method -> sdpa
                                         # calls (with leading non-candidate keys) of the layers it reads

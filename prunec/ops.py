@@ -10,7 +10,7 @@ kept candidates, so all rows keep the same count.
 from __future__ import annotations
 
 import json
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -20,6 +20,9 @@ from .methods.divprune import diversity_order_scores, divprune_keep
 from .methods.fastv import attention_received as _attention_received
 from .methods.fastv import reduce_rows
 from .methods.fuse import fuse_scores as _fuse_scores
+from .methods.sparsevlm import rater_attention as _rater_attention
+from .methods.sparsevlm import text_raters as _text_raters
+from .methods.tome import tome_merge as _tome_merge
 from .methods.transprune import instruction_attention as _instruction_attention
 from .methods.transprune import token_transition as _token_transition
 
@@ -248,14 +251,81 @@ def _(method, params, qs, ks, masks, scales, is_causal, valid, candidates):
 @torch.library.custom_op("prunec::select_by_attention", mutates_args=())
 def select_by_attention(method: str, params: str, qs: List[torch.Tensor], ks: List[torch.Tensor],
                         masks: List[Optional[torch.Tensor]], scales: List[float], is_causal: bool,
-                        candidates: torch.Tensor, n_candidates: int, n_keep: int) -> torch.Tensor:
-    """A registered select method over attention maps: it picks among the last n_candidates keys
-    (the candidates, in order); keeps every non-candidate."""
+                        candidates: torch.Tensor, n_candidates: int, n_keep: int,
+                        hidden: Optional[torch.Tensor]) -> torch.Tensor:
+    """A registered select method over attention maps (and, given `hidden`, the candidates'
+    features): it picks among the last n_candidates keys (the candidates, in order); keeps every
+    non-candidate."""
     positions = _candidate_positions(candidates, n_candidates)
-    local = get_method(method).fn(qs, ks, masks, scales, is_causal, n_candidates, n_keep, **json.loads(params))
+    extra = json.loads(params)
+    if hidden is not None:
+        extra["features"] = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    local = get_method(method).fn(qs, ks, masks, scales, is_causal, n_candidates, n_keep, **extra)
     return _keep_indices(candidates, positions, local)
 
 
 @select_by_attention.register_fake
-def _(method, params, qs, ks, masks, scales, is_causal, candidates, n_candidates, n_keep):
+def _(method, params, qs, ks, masks, scales, is_causal, candidates, n_candidates, n_keep, hidden):
     return _keep_shape(candidates, n_candidates, n_keep)
+
+
+@torch.library.custom_op("prunec::merge_candidates", mutates_args=())
+def merge_candidates(method: str, params: str, hidden: torch.Tensor, candidates: torch.Tensor, n_candidates: int,
+                     n_keep: int, qs: List[torch.Tensor], ks: List[torch.Tensor], masks: List[Optional[torch.Tensor]],
+                     scales: List[float], is_causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A registered merge method over the candidates' hidden states (and, if it reads them, attention
+    maps): (sorted keep indices over the sequence, hidden states with each surviving candidate's row
+    replaced by its merged value). Gathering the second by the first gives the merged sequence."""
+    positions = _candidate_positions(candidates, n_candidates)
+    width = hidden.shape[-1]
+    features = hidden.gather(1, positions[..., None].expand(-1, -1, width))
+    attention = (qs, ks, masks, scales, is_causal) if qs else ()
+    local, merged = get_method(method).fn(features, n_keep, *attention, **json.loads(params))
+    rows = positions.gather(1, local)
+    out = hidden.clone().scatter_(1, rows[..., None].expand(-1, -1, width), merged.to(hidden.dtype))
+    return _keep_indices(candidates, positions, local), out
+
+
+@merge_candidates.register_fake
+def _(method, params, hidden, candidates, n_candidates, n_keep, qs, ks, masks, scales, is_causal):
+    return _keep_shape(candidates, n_candidates, n_keep), hidden.new_empty(hidden.shape)
+
+
+@torch.library.custom_op("prunec::tome_merge", mutates_args=())
+def tome_merge(hidden: torch.Tensor, size: Optional[torch.Tensor], keys: torch.Tensor, candidates: torch.Tensor,
+               n_candidates: int, n_keep: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's size-weighted bipartite merge: (keep indices, merged hidden, sizes), both full length;
+    `size` None means every token stands for one."""
+    _check_count(candidates, n_candidates)
+    size = torch.ones(hidden.shape[:2], device=hidden.device) if size is None else size
+    return _tome_merge(hidden, size, keys, candidates, n_keep)
+
+
+@tome_merge.register_fake
+def _(hidden, size, keys, candidates, n_candidates, n_keep):
+    batch, seq = candidates.shape
+    return (_keep_shape(candidates, n_candidates, n_keep), hidden.new_empty(hidden.shape),
+            hidden.new_empty((batch, seq), dtype=torch.float32))
+
+
+@torch.library.custom_op("prunec::text_raters", mutates_args=())
+def text_raters(embeds: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's rater tokens: [B, S] bool, from the LLM input embeddings."""
+    return _text_raters(embeds, candidates)
+
+
+@text_raters.register_fake
+def _(embeds, candidates):
+    return candidates.new_empty(candidates.shape)
+
+
+@torch.library.custom_op("prunec::rater_attention", mutates_args=())
+def rater_attention(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: float, is_causal: bool,
+                    raters: torch.Tensor) -> torch.Tensor:
+    """Head-mean attention from the rater rows, averaged over them: [B, S] fp32."""
+    return _rater_attention(q, k, mask, scale, is_causal, raters)
+
+
+@rater_attention.register_fake
+def _(q, k, mask, scale, is_causal, raters):
+    return _row_scores_fake(q, raters.shape[0], raters.shape[1])

@@ -111,7 +111,7 @@ def _check_entry(spec: Spec, adapter, raw: dict, ptr: str):
         raise SpecError(f"family {adapter.family!r} has no prunable token span yet (text-token "
                         "pruning is not implemented); use an empty pipeline", spec.locate(ptr))
     info = get_method(raw["method"])
-    action = raw.get("action", "prune")
+    action = raw.get("action", info.action)
     if action != info.action:
         raise SpecError(f"method {info.name!r} is a {info.action} method, not {action}", spec.locate(f"{ptr}/action"))
     _check_params(spec, info, raw.get("params", {}), f"{ptr}/params")
@@ -247,6 +247,9 @@ def _check_signals(spec: Spec, adapter, info, params: dict, domain: str, site: s
         if layer is None and type(adapter).vision_attention is Adapter.vision_attention:
             raise SpecError(f"method {info.name} needs a [CLS] attention row; at {site} family {adapter.family} "
                             f"has none (use a `{domain}.layers[i]` site)", spec.locate(site_ptr))
+    if "text_raters" in signals and "projector.output" not in adapter.output_sites:
+        raise SpecError(f"method {info.name} rates image tokens by text, and family {adapter.family} has no image "
+                        "tokens", spec.locate(site_ptr))
     if "layer_attention" in signals and layer is None:
         if type(adapter).vision_attention is Adapter.vision_attention:
             raise SpecError(f"method {info.name} reads vision attention maps; family {adapter.family} has no "

@@ -232,7 +232,90 @@ def slow_fopru_rows(score: list[float], n_keep: int) -> list[int]:
     return sorted(kept)
 
 
-SITE_KINDS = ("spatten", "aim", "a2sf", "lazyllm")  # scored from the site layer's own attention map
+SITE_KINDS = ("spatten", "aim", "a2sf", "lazyllm", "sparsevlm")  # scored from the site layer's own attention map
+
+
+def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.dot(x, y) / (x.norm() * y.norm()))
+
+
+def slow_aim_merge(features: torch.Tensor, n_keep: int) -> tuple[list[int], list[torch.Tensor]]:
+    """AIM's merge from its description: rounds of A = even, B = odd (of the current tokens, in
+    position order); each A's most similar B (cosine, ties to the lower index); the r A tokens with
+    the best matches (ties: lower index) join their B, whose value becomes the plain mean of itself
+    and its joiners; r = min(|A|, tokens - n_keep). Returns (kept positions, their values)."""
+    tokens = [(i, features[i].double()) for i in range(features.shape[0])]
+    while len(tokens) > n_keep:
+        a, b = tokens[0::2], tokens[1::2]
+        r = min(len(a), len(tokens) - n_keep)
+        best = []
+        for ai, (_, av) in enumerate(a):
+            sims = [_cos(av, bv) for _, bv in b]
+            partner = max(range(len(b)), key=lambda j: (sims[j], -j))
+            best.append((sims[partner], partner, ai))
+        merged = sorted(best, key=lambda t: (-t[0], t[2]))[:r]
+        joiners = {j: [] for j in range(len(b))}
+        for _, partner, ai in merged:
+            joiners[partner].append(a[ai][1])
+        new_b = [(pos, (bv + sum(joiners[j], torch.zeros_like(bv))) / (1 + len(joiners[j])))
+                 for j, (pos, bv) in enumerate(b)]
+        gone = {ai for _, _, ai in merged}
+        tokens = sorted([t for ai, t in enumerate(a) if ai not in gone] + new_b, key=lambda t: t[0])
+    return [p for p, _ in tokens], [v for _, v in tokens]
+
+
+def slow_visionzip(features: torch.Tensor, cls: list[float], keys: torch.Tensor, n_keep: int,
+                   contextual: int) -> tuple[list[int], list[torch.Tensor]]:
+    """VisionZip from its description: the n_keep - contextual patches with the highest [CLS]
+    attention are dominant; of the rest (position order), targets at stride M // C (the first C);
+    every other token joins its most similar target by head-mean key cosine (ties: lower index);
+    a contextual token = target + mean of its members. Returns (kept positions, values)."""
+    n = features.shape[0]
+    order = sorted(range(n), key=lambda j: (-cls[j], j))
+    dominant = sorted(order[:n_keep - contextual])
+    rest = sorted(order[n_keep - contextual:])
+    step = max(len(rest) // contextual, 1)
+    targets = [rest[i] for i in range(0, len(rest), step)][:contextual]
+    members = {t: [] for t in targets}
+    for j in rest:
+        if j not in members:
+            sims = [_cos(keys[j].double(), keys[t].double()) for t in targets]
+            members[targets[max(range(len(targets)), key=lambda i: (sims[i], -i))]].append(features[j].double())
+    values = {j: features[j].double() for j in dominant}
+    for t in targets:
+        extra = sum(members[t], torch.zeros(features.shape[1], dtype=torch.float64)) / max(len(members[t]), 1)
+        values[t] = features[t].double() + extra
+    kept = sorted(values)
+    return kept, [values[j] for j in kept]
+
+
+def slow_holov(features: torch.Tensor, cls: list[float], n_keep: int, crops: int, alpha: float) -> list[int]:
+    """HoloV (official code) from its description, one row: equal contiguous crops; per crop,
+    similarity S_ij = cos(i, j) off the diagonal (0 on it), mu_i = sum_j S_ij / (M - 1),
+    V_i = sum_j (S_ij - mu_i)^2 / (M - 1); score = 1000 A + alpha V mean|1000 A| / mean|V|; crop
+    weight = its mean score over the sum of those; quota = floor(w N'), capped at the crop size,
+    then one more at a time to the heaviest crops with room; top-quota by A inside each crop."""
+    n = features.shape[0]
+    size = n // crops
+    weights, tops = [], []
+    for c in range(crops):
+        idx = list(range(c * size, (c + 1) * size))
+        a = [1000 * cls[i] for i in idx]
+        sim = [[0.0 if i == j else _cos(features[i].double(), features[j].double()) for j in idx] for i in idx]
+        mu = [sum(row) / (size - 1) for row in sim]
+        var = [sum((x - m) ** 2 for x in row) / (size - 1) for row, m in zip(sim, mu)]
+        ratio = (sum(abs(x) for x in a) / size) / (sum(abs(v) for v in var) / size)
+        score = [x + alpha * v * ratio for x, v in zip(a, var)]
+        weights.append(sum(score) / size)
+        tops.append(sorted(idx, key=lambda i: (-cls[i], i)))
+    weights = [w / sum(weights) for w in weights]
+    quota = [min(math.floor(w * n_keep), size) for w in weights]
+    order = sorted(range(crops), key=lambda c: (-weights[c], c))
+    while sum(quota) < n_keep:
+        for c in order:
+            if sum(quota) < n_keep and quota[c] < size:
+                quota[c] += 1
+    return sorted(i for c in range(crops) for i in tops[c][:quota[c]])
 
 
 def term_kinds(stage: dict) -> list[str]:
@@ -297,21 +380,53 @@ class HookReference:
                     rows.append([-float(order.index(i)) for i in range(len(cands))])
             return rows
 
+        def choose_raters(embeds):
+            """SparseVLM's raters from the definition, per row: text tokens after the image whose
+            softmax-over-text relevance to the visual tokens, averaged over them, beats the mean."""
+            state["raters"] = []
+            for b, cands in enumerate(state["cands"]):
+                text = list(range(max(cands) + 1, embeds.shape[1]))
+                rel = [0.0] * len(text)
+                for v in cands:
+                    logits = [float(embeds[b, v].double() @ embeds[b, t].double()) for t in text]
+                    top = max(logits)
+                    total = sum(math.exp(x - top) for x in logits)
+                    rel = [r + math.exp(x - top) / total / len(cands) for r, x in zip(rel, logits)]
+                mean = sum(rel) / len(rel)
+                state["raters"].append({t for t, r in zip(text, rel) if r > mean})
+
         def pre_llm(module, args, kwargs):
             embeds, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
             stage = next((s for s in self.stages if s["layer"] is None), None)
             if stage is None:
                 state["mask2d"] = mask
+                if any(s["kind"] == "sparsevlm" for s in self.stages):
+                    choose_raters(embeds)
                 return args, kwargs
             keep, locals_per_row = [], []
             for b, cands in enumerate(state["cands"]):
                 lead = state.get("lead", 0)
-                if stage["kind"] == "divprune":
+                if stage["kind"] in ("aim_merge", "visionzip"):
+                    if stage["kind"] == "aim_merge":
+                        kept, values = slow_aim_merge(embeds[b, cands], stage["n_keep"])
+                    else:
+                        feature = state["vision"][state["feature"]]
+                        cls = feature[b, :, 0].sum(dim=0)[lead:].tolist()
+                        keys = state["vision_keys"][b][lead:]
+                        kept, values = slow_visionzip(embeds[b, cands], cls, keys, stage["n_keep"], stage["contextual"])
+                    embeds = embeds.clone()
+                    for local_index, value in zip(kept, values):
+                        embeds[b, cands[local_index]] = value.to(embeds.dtype)
+                    local = kept
+                elif stage["kind"] == "divprune":
                     local = slow_divprune(embeds[b, cands], stage["n_keep"])
                 elif stage["kind"] == "hiprune":
                     obj = slow_received(state["vision"][stage["object_layer"]][b])[lead:]
                     deep = slow_received(state["vision"][state["feature"]][b])[lead:]
                     local = slow_hiprune(obj, deep, stage["n_keep"], stage["alpha"])
+                elif stage["kind"] == "holov":
+                    cls = state["vision"][state["feature"]][b, :, 0].mean(dim=0)[lead:].tolist()
+                    local = slow_holov(embeds[b, cands], cls, stage["n_keep"], stage["crops"], stage["alpha"])
                 elif stage["kind"] == "fopru":
                     score = slow_received(state["vision"][state["feature"]][b])[lead:]
                     local = (slow_topk(score, stage["n_keep"]) if stage["strategy"] == "rank"
@@ -327,6 +442,8 @@ class HookReference:
             state["cands"] = [[k.index(c) for c in cands if c in k] for k, cands in zip(keep, state["cands"])]
             kwargs["inputs_embeds"] = _gather_rows(embeds, keep, 1)
             kwargs["attention_mask"] = state["mask2d"] = _gather_rows(mask, keep, 1)
+            if any(s["kind"] == "sparsevlm" for s in self.stages):
+                choose_raters(kwargs["inputs_embeds"])
             return args, kwargs
 
         def capture_attn(module, args, output):
@@ -448,6 +565,11 @@ class HookReference:
                     row = slow_aim(probs[b], valid, stage["temperature"], stage["iterations"])
                 elif stage["kind"] == "a2sf":
                     row = slow_a2sf(probs[b], valid, stage["forgetting"], stage["recent"], state["cands"][b])
+                elif stage["kind"] == "sparsevlm":  # head mean, then mean over the rater rows
+                    tokens = state["cur"][b] if state["cur"] is not None else list(range(probs.shape[-1]))
+                    rows = [i for i, t in enumerate(tokens) if t in state["raters"][b]]
+                    row = (probs[b].double().mean(dim=0)[rows].mean(dim=0).tolist() if rows
+                           else [0.0] * probs.shape[-1])
                 else:  # lazyllm: the last token's row, head mean
                     row = probs[b].double().mean(dim=0)[-1].tolist()
                 out[b] = torch.tensor(row, dtype=torch.float64)
@@ -496,14 +618,25 @@ class HookReference:
         spatten = [(s["layer"], s.get("accumulate_from", s["layer"])) for s in self.stages if s["kind"] == "spatten"]
         spatten_first = min((first for _, first in spatten), default=0)
         spatten_last = max((layer for layer, _ in spatten), default=-1)
-        if any(s["layer"] is None and k != "divprune" for s in self.stages for k in term_kinds(s)):
-            vision = self.model.model.vision_tower(pixel_values, output_attentions=True)
+        if any(s["layer"] is None and k not in ("divprune", "aim_merge") for s in self.stages for k in term_kinds(s)):
+            key_hooks = [layer.self_attn.k_proj.register_forward_hook(
+                lambda m, a, out, i=i: state.setdefault("k_proj", {}).__setitem__(i, out))
+                for i, layer in enumerate(self.model.model.vision_tower.encoder.layers)]
+            try:
+                vision = self.model.model.vision_tower(pixel_values, output_attentions=True)
+            finally:
+                for h in key_hooks:
+                    h.remove()
             feature = self.model.config.vision_feature_layer  # hidden_states[h] is layer h-1's output
             feature = (feature if feature < 0 else feature - 1) % len(vision.attentions)
             lead = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
             state["vision"] = [a.double() for a in vision.attentions]  # per layer [B, H, S, S]
             state["feature"], state["lead"] = feature, lead
             state["vision_cls"] = state["vision"][feature][:, :, 0].mean(dim=1)[:, lead:]
+            # head-mean keys of the feature layer: the k projection split into heads, then averaged
+            k_proj = state["k_proj"][feature]
+            heads = self.model.config.vision_config.num_attention_heads
+            state["vision_keys"] = k_proj.view(*k_proj.shape[:2], heads, -1).mean(dim=2)
         try:
             handles.append(lm.register_forward_pre_hook(pre_llm, with_kwargs=True))
             for stage in self.stages:
@@ -603,10 +736,36 @@ class VisionReference:
             handle.remove()
 
 
+def slow_tome(hidden: torch.Tensor, size: list[float], keys: torch.Tensor, leading: int, n_keep: int):
+    """ToMe from its description, one image: candidates are the tokens after the `leading` ones; A
+    = even positions, B = odd; each A's most similar B by key cosine (ties: lower index); the r = |candidates| -
+    n_keep A tokens with the best matches (ties: lower index) merge into their partners as the
+    size-weighted mean, sizes adding up. Returns (kept positions, their values, their sizes)."""
+    seq = hidden.shape[0]
+    a_set = [p for p in range(leading, seq) if p % 2 == 0]
+    b_set = [p for p in range(leading, seq) if p % 2 == 1]
+    edges = []
+    for i, a in enumerate(a_set):
+        sims = [_cos(keys[a].double(), keys[b].double()) for b in b_set]
+        j = max(range(len(b_set)), key=lambda j: (sims[j], -j))
+        edges.append((sims[j], i, b_set[j]))
+    r = (seq - leading) - n_keep
+    merged = sorted(edges, key=lambda e: (-e[0], e[1]))[:r]
+    values = {p: hidden[p].double() * size[p] for p in range(seq)}
+    sizes = dict(enumerate(size))
+    for _, i, dst in merged:
+        values[dst] = values[dst] + values[a_set[i]]
+        sizes[dst] += sizes[a_set[i]]
+    gone = {a_set[i] for _, i, _ in merged}
+    kept = [p for p in range(seq) if p not in gone]
+    return kept, [values[p] / sizes[p] for p in kept], [sizes[p] for p in kept]
+
+
 class VisionStagesReference:
     """HF vision encoder (eager attention) with cuts after encoder layers, each keeping the top
     `n_keep` patches by `score(probs)`, where probs is that layer's [H, S, S] attention for one
-    image; [CLS] and registers (the first `leading` tokens) are protected."""
+    image, or (kind 'tome') merging by ToMe with proportional attention in later layers; [CLS] and
+    registers (the first `leading` tokens) are protected."""
 
     def __init__(self, model, layers, stages: list[dict], leading: int, interpolate: bool):
         model.set_attn_implementation("eager")
@@ -615,7 +774,7 @@ class VisionStagesReference:
 
     @torch.no_grad()
     def __call__(self, pixel_values):
-        probs = {}
+        probs, keys, state = {}, {}, {"size": None}
         handles = []
 
         def keep_probs(index):
@@ -623,7 +782,35 @@ class VisionStagesReference:
                 probs[index] = output[1]
             return hook
 
+        def keep_keys(index):
+            def hook(module, args, output):  # k projection [B, S, H * hd] -> head mean [B, S, hd]
+                heads = self.model.config.num_attention_heads
+                keys[index] = output.view(*output.shape[:2], heads, -1).mean(dim=2)
+            return hook
+
+        def proportional(module, args):
+            if state["size"] is None:
+                return None
+            bias = torch.log(torch.tensor(state["size"], dtype=args[0].dtype))[:, None, None, :]
+            return (args[0], bias, *args[2:])
+
+        def merge(stage):
+            def hook(module, args, output):
+                rows, sizes = [], []
+                for b in range(output.shape[0]):
+                    size = state["size"][b] if state["size"] is not None else [1.0] * output.shape[1]
+                    kept, values, new = slow_tome(output[b], size, keys[stage["layer"]][b], self.leading,
+                                                  stage["n_keep"])
+                    rows.append(torch.stack(values).to(output.dtype))
+                    sizes.append(new)
+                state["size"] = sizes
+                return torch.stack(rows)
+            return hook
+
         def cut(stage):
+            if stage["kind"] == "tome":
+                return merge(stage)
+
             def hook(module, args, output):
                 keep = []
                 for b in range(output.shape[0]):
@@ -638,7 +825,11 @@ class VisionStagesReference:
             for stage in self.stages:
                 layer = self.layers[stage["layer"]]
                 handles.append(layer.attention.register_forward_hook(keep_probs(stage["layer"])))
+                handles.append(layer.attention.k_proj.register_forward_hook(keep_keys(stage["layer"])))
                 handles.append(layer.register_forward_hook(cut(stage)))
+            if any(s["kind"] == "tome" and s["proportional_attention"] for s in self.stages):
+                for layer in self.layers:
+                    handles.append(layer.attention.register_forward_pre_hook(proportional))
             extra = {"interpolate_pos_encoding": True} if self.interpolate else {}
             return self.model(pixel_values=pixel_values, **extra).last_hidden_state
         finally:

@@ -2,6 +2,7 @@
 against a hook-based eager reference, and score fusion composed in YAML."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -210,6 +211,81 @@ def test_vision_attention_map_methods_match_their_formulas(batch, heads, side):
                 assert kept[b].tolist() == expected, strategy
 
 
+@pytest.mark.parametrize("batch, side, crops, n_keep", [(1, 4, 4, 6), (2, 4, 2, 5), (2, 6, 4, 20)])
+def test_holov_matches_its_description(batch, side, crops, n_keep):
+    from prunec.methods.holov import holov_keep
+    from reference import slow_holov
+
+    n = side * side
+    q, k = _qk(batch, 2, 2, n + 1, seed=n_keep)
+    features = torch.randn(batch, n, 5, generator=torch.Generator().manual_seed(side + crops))
+    kept = holov_keep([q], [k], [None], [0.4], False, n, n_keep, features, crops=crops, alpha=0.09)
+    probs = _slow_probs(q, k, 0.4, lambda b, i, j: True)
+    for b in range(batch):
+        cls = probs[b, :, 0].mean(dim=0)[1:].tolist()
+        assert kept[b].tolist() == slow_holov(features[b], cls, n_keep, crops, 0.09)
+
+
+@pytest.mark.parametrize("batch, n, dim, n_keep", [(1, 8, 4, 2), (2, 16, 6, 4), (3, 13, 5, 9), (2, 16, 6, 7)])
+def test_aim_merge_matches_its_description(batch, n, dim, n_keep):
+    from prunec.methods.aim_merge import bipartite_mean_merge
+    from reference import slow_aim_merge
+
+    features = torch.randn(batch, n, dim, generator=torch.Generator().manual_seed(n + n_keep))
+    index, merged = bipartite_mean_merge(features, n_keep)
+    for b in range(batch):
+        kept, values = slow_aim_merge(features[b], n_keep)
+        assert index[b].tolist() == kept
+        torch.testing.assert_close(merged[b].double(), torch.stack(values), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("batch, side, n_keep, contextual", [(1, 3, 4, 2), (2, 4, 6, 2), (2, 4, 9, 4)])
+def test_visionzip_matches_its_description(batch, side, n_keep, contextual):
+    from prunec.methods.visionzip import dominant_contextual
+    from reference import slow_visionzip
+
+    n = side * side
+    q, k = _qk(batch, 2, 2, n + 1, seed=n_keep)
+    features = torch.randn(batch, n, 5, generator=torch.Generator().manual_seed(side))
+    index, merged = dominant_contextual(features, n_keep, [q], [k], [None], [0.4], False, contextual=contextual)
+    probs = _slow_probs(q, k, 0.4, lambda b, i, j: True)
+    for b in range(batch):
+        cls = probs[b, :, 0].sum(dim=0)[1:].tolist()
+        kept, values = slow_visionzip(features[b], cls, k[b].mean(dim=0)[1:], n_keep, contextual)
+        assert index[b].tolist() == kept
+        torch.testing.assert_close(merged[b].double(), torch.stack(values), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("batch, seq, leading, n_keep", [(1, 9, 1, 6), (2, 17, 1, 9), (3, 14, 5, 7)])
+def test_tome_merge_matches_its_description(batch, seq, leading, n_keep):
+    from prunec.methods.tome import tome_merge
+    from reference import slow_tome
+
+    gen = torch.Generator().manual_seed(seq)
+    hidden, keys = torch.randn(batch, seq, 6, generator=gen), torch.randn(batch, 2, seq, 4, generator=gen)
+    size = torch.randint(1, 4, (batch, seq), generator=gen).float()
+    candidates = torch.arange(seq)[None, :].expand(batch, -1) >= leading
+    index, merged, new_size = tome_merge(hidden, size, keys, candidates, n_keep)
+    for b in range(batch):
+        kept, values, sizes = slow_tome(hidden[b], size[b].tolist(), keys[b].mean(dim=0), leading, n_keep)
+        assert index[b].tolist() == kept
+        torch.testing.assert_close(merged[b, kept].double(), torch.stack(values), atol=1e-6, rtol=0)
+        assert new_size[b, kept].tolist() == sizes
+
+
+def test_tome_reference_needs_proportional_attention(built_presets):
+    """The ToMe preset's comparison is sensitive to proportional attention: without the log(size)
+    bias the reference disagrees with the emitted module."""
+    plan, module = built_presets(REPO / "specs" / "tome.yaml")
+    hf = _hf(plan)
+    layers = dict(hf.named_modules())[plan.adapter.domains()["vision"].layers_path.removeprefix("hf.")]
+    stages = [dict(s, proportional_attention=False) for s in reference_stages(plan)]
+    reference = VisionStagesReference(hf, layers, stages, plan.adapter.leading_tokens(), interpolate=True)
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert not torch.allclose(module(pixels), reference(pixels), atol=1e-4)
+
+
 @pytest.mark.parametrize("fusion, normalize", [("weighted_sum", "sum"), ("weighted_sum", "minmax"),
                                                ("weighted_sum", "none"), ("rank", "sum")])
 def test_fusion_matches_its_definition(fusion, normalize):
@@ -286,6 +362,8 @@ def test_preset_matches_hook_reference(built_presets, preset, pads):
 
 
 def _vision_score(stage: dict):
+    if stage["kind"] == "tome":
+        return None
     assert stage["kind"] == "zero_tprune", stage["kind"]
     return lambda probs: slow_pagerank(probs, [1.0 / probs.shape[-1]] * probs.shape[-1], stage["iterations"])
 
@@ -392,6 +470,34 @@ def test_rank_fusion_of_fastervlm_and_divprune_composes_in_yaml(build):
     for ref in alone:
         ref(ids, mask, pixels)
         assert ref.kept != fused_kept
+
+
+@pytest.mark.parametrize("batch, seq, spans", [(1, 12, [(2, 7)]), (3, 16, [(1, 9), (3, 12), (0, 14)])])
+def test_sparsevlm_raters_match_their_formula(batch, seq, spans):
+    from prunec.methods.sparsevlm import text_raters
+
+    embeds = torch.randn(batch, seq, 6, generator=torch.Generator().manual_seed(seq))
+    candidates = _candidates(batch, seq, spans)
+    raters = text_raters(embeds, candidates)
+    for b, (start, stop) in enumerate(spans):
+        text = list(range(stop, seq))
+        relevance = [0.0] * len(text)
+        for v in range(start, stop):
+            logits = [float(embeds[b, v].double() @ embeds[b, t].double()) for t in text]
+            total = sum(math.exp(x) for x in logits)
+            relevance = [r + math.exp(x) / total / (stop - start) for r, x in zip(relevance, logits)]
+        mean = sum(relevance) / len(relevance)
+        assert raters[b].nonzero().flatten().tolist() == [t for t, r in zip(text, relevance) if r > mean]
+
+
+def test_methods_command_lists_every_method():
+    from typer.testing import CliRunner
+
+    from prunec.cli import app
+
+    listed = json.loads(CliRunner().invoke(app, ["methods", "--json"]).output)
+    assert [row["method"] for row in listed] == method_names()
+    assert all(row["source"] for row in listed)
 
 
 def test_every_method_is_registered_with_a_source_and_schema():

@@ -20,10 +20,12 @@ from typing import Any, Callable
 #   methods that read full attention maps (the scoring layer: the site's, or before a VLM's LLM the
 #   vision tower's feature layer);
 # transitions: each layer's sub-block inputs and outputs (attention and FFN), summed over layers;
+# text_raters: the site layer's q/k plus rater tokens chosen once from the LLM input embeddings;
 # hidden: the residual stream at the site.
 SIGNALS = ("attention_qk", "next_layer_qk", "instruction_qk", "cls_attention", "layer_attention", "transitions",
-           "hidden")
-QK_SIGNALS = frozenset({"attention_qk", "next_layer_qk", "instruction_qk", "cls_attention", "layer_attention"})
+           "text_raters", "hidden")
+QK_SIGNALS = frozenset({"attention_qk", "next_layer_qk", "instruction_qk", "cls_attention", "layer_attention",
+                        "text_raters"})
 NEXT_LAYER_SIGNALS = frozenset({"next_layer_qk", "instruction_qk"})
 
 
@@ -31,7 +33,7 @@ NEXT_LAYER_SIGNALS = frozenset({"next_layer_qk", "instruction_qk"})
 class MethodInfo:
     name: str
     action: str                      # "prune" | "merge"
-    kind: str                        # "score" | "select" | "fuse"
+    kind: str                        # "score" | "select" | "fuse" | "merge"
     signals: tuple[str, ...]         # what the compiler must tap at the site, from SIGNALS
     fn: Callable[..., Any]
     params_schema: dict[str, Any]    # JSON Schema of the `params:` mapping
@@ -105,5 +107,5 @@ def stage_signals(method: str, params: dict[str, Any]) -> set[str]:
     return {s for name, _, _ in terms(method, params) for s in get_method(name).signals}
 
 
-from . import (a2sf, aim, divprune, fastervlm, fastv, fopru, fuse, hiprune, lazyllm, pyramiddrop,  # noqa: E402,F401
-               spatten, transprune, vtc_cls, zero_tprune)  # registration side effect, explicit list
+from . import (a2sf, aim, aim_merge, divprune, fastervlm, fastv, fopru, fuse, hiprune, holov, lazyllm,  # noqa: E402,F401
+               pyramiddrop, sparsevlm, spatten, tome, transprune, visionzip, vtc_cls, zero_tprune)  # registration

@@ -32,3 +32,19 @@ def query_validity(valid: torch.Tensor | None, batch: int, seq: int, device) -> 
     if valid is None:
         return torch.ones(batch, seq, device=device)
     return valid.expand(batch, seq).float()
+
+
+def rows_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float, is_causal: bool,
+                   rows: torch.Tensor) -> torch.Tensor:
+    """Head-mean attention each key receives from the query rows marked in `rows` ([B, S] bool),
+    averaged over those rows: [B, S] float32 (0 for a row marking none). Only the suffix of
+    queries from the first marked row is computed, in blocks of 64 rows."""
+    seq = q.shape[-2]
+    marked = rows.any(dim=0).nonzero()
+    first = int(marked[0]) if marked.numel() else seq - 1
+    total = torch.zeros(rows.shape[0], k.shape[-2], device=q.device)
+    for offset in range(first, seq, 64):
+        stop = min(offset + 64, seq)
+        probs = attention_probs(q[..., offset:stop, :], k, mask, scale, is_causal, offset).mean(dim=1)  # [B, R, S]
+        total = total + torch.einsum("brs,br->bs", probs, rows[:, offset:stop].float())
+    return total / rows.sum(dim=1, keepdim=True).clamp(min=1)

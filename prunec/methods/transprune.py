@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import MethodInfo, register_method
-from .attention_maps import attention_probs
+from .attention_maps import rows_attention
 
 _EPS = 1e-12
 
@@ -52,19 +52,9 @@ def instruction_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor |
             candidate (LLaVA: the prompt text after the image).
     Returns: [B, S] float32; a row with no instruction token scores 0 everywhere.
     """
-    seq = q.shape[-2]
-    positions = torch.arange(seq, device=q.device)
-    last_candidate = torch.where(candidates, positions, -1).amax(dim=1)  # [B]
-    n_rows = int((seq - 1 - last_candidate).max().clamp(min=1))  # only the suffix holding them
-    probs_rows = []
-    for offset in range(seq - n_rows, seq, 64):  # blocks of rows keep the [B, H, R, S] tensor small
-        stop = min(offset + 64, seq)
-        probs_rows.append(attention_probs(q[..., offset:stop, :], k, mask, scale, is_causal, offset).mean(dim=1))
-    probs = torch.cat(probs_rows, dim=1)  # [B, R, S]
-    row_pos = positions[seq - n_rows:]
-    is_query = row_pos[None, :] > last_candidate[:, None]  # [B, R]
-    probs = torch.where(is_query[..., None], probs, 0.0)
-    return probs.sum(dim=1) / is_query.sum(dim=1, keepdim=True).clamp(min=1)
+    positions = torch.arange(q.shape[-2], device=q.device)
+    last_candidate = torch.where(candidates, positions, -1).amax(dim=1, keepdim=True)  # [B, 1]
+    return rows_attention(q, k, mask, scale, is_causal, positions[None, :] > last_candidate)
 
 
 register_method(MethodInfo(
