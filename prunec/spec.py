@@ -10,6 +10,7 @@ Three layers, each reporting file:line:col and the JSON pointer of the offending
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import re
@@ -24,6 +25,7 @@ from .schema import spec_schema
 from .yaml_loader import PositionedDoc, escape_pointer_token, load_yaml
 
 _ONE_CHOICE = re.compile(r"^/pipeline/\d+/keep$")
+_METHOD_POINTER = re.compile(r"^/pipeline/\d+/method$")
 _MODEL_SOURCES = {"builtin", "path", "config"}
 
 
@@ -220,6 +222,11 @@ def _schema_error(err: jsonschema.ValidationError, doc: PositionedDoc) -> SpecEr
         best = max(err.context, key=lambda e: (len(e.absolute_path), e.validator != "type"))
         if best.validator != "required":
             return _schema_error(best, doc)
+    if err.validator == "enum" and _METHOD_POINTER.match(pointer) and isinstance(err.instance, str):
+        close = difflib.get_close_matches(err.instance, err.schema["enum"], n=1)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        return SpecError(f"unknown method {err.instance!r}; {hint}`prunec methods` lists all "
+                         f"{len(err.schema['enum'])}", doc.locate(pointer))
     expected = _expected(err)
     return SpecError(f"{expected}, got {json.dumps(err.instance)[:80]}" if expected else err.message,
                      doc.locate(pointer))
