@@ -249,14 +249,20 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             cos = next(p for m, p, _ in terms(stage.method, stage.param_dict) if m == "ttv")["cos"]
             record.transitions = _sum_transitions(add, record, carried.get((stage.domain, "ttv")), valid, cos)
             carried[(stage.domain, "ttv")] = record.transitions
-        if info.kind == "select" and "layer_attention" in info.signals:
+        if stage.n_keep == 0:  # every candidate goes: no score needed
+            index = add("select", _OPS.drop_candidates.default, (candidates, stage.n_candidates))
+        elif info.kind == "select" and "layer_attention" in info.signals:
             qs, ks, masks, scales, causal = _attention_lists(record, stage.method)
             hidden = record.site_value if "hidden" in info.signals else None
             index = add("select", _OPS.select_by_attention.default,
                         (stage.method, _params_json(stage.method, stage.param_dict), qs, ks, masks, scales, causal,
                          candidates, *sizes, hidden))
-        elif info.kind == "select":
+        elif stage.method == "divprune":  # its own op: the greedy loop has a Triton kernel
             index = add("select", _OPS.select_divprune.default, (record.site_value, candidates, *sizes))
+        elif info.kind == "select":
+            index = add("select", _OPS.select_by_features.default,
+                        (stage.method, _params_json(stage.method, stage.param_dict), record.site_value, candidates,
+                         *sizes))
         elif stage.method == "tome":
             sdpa, _, _ = _attention(record, record.attention, "the layer's attention")
             merge = add("select", _OPS.tome_merge.default,

@@ -329,3 +329,30 @@ def rater_attention(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tenso
 @rater_attention.register_fake
 def _(q, k, mask, scale, is_causal, raters):
     return _row_scores_fake(q, raters.shape[0], raters.shape[1])
+
+
+@torch.library.custom_op("prunec::drop_candidates", mutates_args=())
+def drop_candidates(candidates: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """Keep indices of every non-candidate: a stage that keeps none of its candidates."""
+    _check_count(candidates, n_candidates)
+    return _keep_indices(candidates, _candidate_positions(candidates, n_candidates),
+                         candidates.new_empty((candidates.shape[0], 0), dtype=torch.long))
+
+
+@drop_candidates.register_fake
+def _(candidates, n_candidates):
+    return _keep_shape(candidates, n_candidates, 0)
+
+
+@torch.library.custom_op("prunec::select_by_features", mutates_args=())
+def select_by_features(method: str, params: str, hidden: torch.Tensor, candidates: torch.Tensor, n_candidates: int,
+                       n_keep: int) -> torch.Tensor:
+    """A registered select method over the candidates' hidden states; keeps every non-candidate."""
+    positions = _candidate_positions(candidates, n_candidates)
+    features = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    return _keep_indices(candidates, positions, get_method(method).fn(features, n_keep, **json.loads(params)))
+
+
+@select_by_features.register_fake
+def _(method, params, hidden, candidates, n_candidates, n_keep):
+    return _keep_shape(candidates, n_candidates, n_keep)

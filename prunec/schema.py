@@ -21,7 +21,7 @@ def spec_schema() -> dict[str, Any]:
     from .adapters import families
 
     ratio = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
-    count = {"type": "integer", "minimum": 1}
+    count = {"type": "integer", "minimum": 0}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "urn:prunec:spec:v1",
@@ -113,7 +113,8 @@ def spec_schema() -> dict[str, Any]:
                         "minProperties": 1,
                         "maxProperties": 1,
                         "properties": {"count": _one_or_list(count), "ratio": _one_or_list(ratio)},
-                        "description": "count of candidates kept, or ratio of the original candidates",
+                        "description": "count of candidates kept (0 drops them all, e.g. ToDRE's stage 2), "
+                                       "or ratio of the original candidates",
                     },
                     "positions": {"enum": ["keep_original", "renumber"]},
                     "protect": {"type": "array", "uniqueItems": True,

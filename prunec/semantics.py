@@ -205,8 +205,11 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             if n_keep > available:
                 raise SpecError(f"budget keeps {n_keep} tokens but only {available} candidates reach {site}",
                                 spec.locate(f"{ptr}/keep/{kind}"))
-            if n_keep < 1:
-                raise SpecError(f"budget keeps 0 of {original} candidates; expected at least 1",
+            if n_keep < 1 and kind == "ratio":
+                raise SpecError(f"ratio {value} keeps 0 of {original} candidates; write `count: 0` to drop them all",
+                                spec.locate(f"{ptr}/keep/{kind}"))
+            if n_keep < 1 and info.action == "merge":
+                raise SpecError("a merge keeps at least one token; use a prune method with `count: 0`",
                                 spec.locate(f"{ptr}/keep/{kind}"))
             key = (_DOMAIN_ORDER.get(domain, 1), rank)
             if previous and key <= previous[0]:

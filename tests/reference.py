@@ -17,8 +17,9 @@ def slow_divprune(features: torch.Tensor, n_keep: int) -> list[int]:
     return sorted(slow_divprune_order(features, n_keep))
 
 
-def slow_divprune_order(features: torch.Tensor, n_keep: int) -> list[int]:
-    """`slow_divprune`'s picks in pick order."""
+def slow_divprune_order(features: torch.Tensor, n_keep: int, first: int | None = None) -> list[int]:
+    """`slow_divprune`'s picks in pick order; `first` overrides the first pick (k-center greedy
+    from a given pivot, as ToDRE's stage 1 with `pivot: first` starts at token 0)."""
     n = features.shape[0]
     f = features.double()
     dist = [[1.0 - float(torch.dot(f[i], f[j]) / (f[i].norm() * f[j].norm())) for j in range(n)]
@@ -26,7 +27,7 @@ def slow_divprune_order(features: torch.Tensor, n_keep: int) -> list[int]:
     if n == 1:
         return [0]
     nearest = [sorted(dist[i][j] for i in range(n))[1] for j in range(n)]
-    chosen = [max(range(n), key=lambda j: (nearest[j], -j))]
+    chosen = [max(range(n), key=lambda j: (nearest[j], -j))] if first is None else [first]
     while len(chosen) < n_keep:
         best = max((j for j in range(n) if j not in chosen),
                    key=lambda j: (min(dist[s][j] for s in chosen), -j))
@@ -420,6 +421,9 @@ class HookReference:
                     local = kept
                 elif stage["kind"] == "divprune":
                     local = slow_divprune(embeds[b, cands], stage["n_keep"])
+                elif stage["kind"] == "todre":
+                    first = 0 if stage["pivot"] == "first" else None
+                    local = sorted(slow_divprune_order(embeds[b, cands], stage["n_keep"], first))
                 elif stage["kind"] == "hiprune":
                     obj = slow_received(state["vision"][stage["object_layer"]][b])[lead:]
                     deep = slow_received(state["vision"][state["feature"]][b])[lead:]

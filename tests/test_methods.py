@@ -100,6 +100,33 @@ def test_fastervlm_cls_attention_matches_its_formula(batch, tokens, heads):
             assert abs(float(actual[b, j]) - expected) < 1e-6
 
 
+@pytest.mark.parametrize("batch, n, dim, n_keep", [(1, 6, 4, 2), (2, 19, 7, 5)])
+@pytest.mark.parametrize("pivot", ["first", "farthest_nearest"])
+def test_todre_k_center_matches_its_description(batch, n, dim, n_keep, pivot):
+    from prunec.methods.todre import k_center_keep
+
+    features = torch.randn(batch, n, dim, generator=torch.Generator().manual_seed(n))
+    kept = k_center_keep(features, n_keep, pivot=pivot)
+    for b in range(batch):
+        first = 0 if pivot == "first" else None
+        assert kept[b].tolist() == sorted(slow_divprune_order(features[b], n_keep, first))
+
+
+def test_count_zero_drops_every_candidate_and_a_ratio_rounding_to_zero_is_refused(tmp_path):
+    from prunec.errors import SpecError
+
+    base = "prunec: 1\nname: z\nmodel: {builtin: tiny-llava}\ninputs: {seq_len: 30}\npipeline:\n"
+    spec = tmp_path / "zero.yaml"
+    spec.write_text(base + "  - {site: 'llm.layers[1]', method: fastv, keep: {count: 0}}\n")
+    assert prunec.plan(spec).stages[0].n_keep == 0
+    spec.write_text(base + "  - {site: 'llm.layers[1]', method: fastv, keep: {ratio: 0.01}}\n")
+    with pytest.raises(SpecError, match="write `count: 0`"):
+        prunec.plan(spec)
+    spec.write_text(base + "  - {site: projector.output, method: aim_merge, keep: {count: 0}}\n")
+    with pytest.raises(SpecError, match="a merge keeps at least one token"):
+        prunec.plan(spec)
+
+
 @pytest.mark.parametrize("batch, n, dim", [(1, 6, 4), (2, 19, 7)])
 def test_divprune_score_form_is_minus_the_pick_step(batch, n, dim):
     features = torch.randn(batch, n, dim, generator=torch.Generator().manual_seed(n))

@@ -108,4 +108,4 @@ def stage_signals(method: str, params: dict[str, Any]) -> set[str]:
 
 
 from . import (a2sf, aim, aim_merge, divprune, fastervlm, fastv, fopru, fuse, hiprune, holov, lazyllm,  # noqa: E402,F401
-               pyramiddrop, sparsevlm, spatten, tome, transprune, visionzip, vtc_cls, zero_tprune)  # registration
+               pyramiddrop, sparsevlm, spatten, todre, tome, transprune, visionzip, vtc_cls, zero_tprune)  # registration
