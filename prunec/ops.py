@@ -27,6 +27,12 @@ from .methods.transprune import instruction_attention as _instruction_attention
 from .methods.transprune import token_transition as _token_transition
 
 
+# ops whose output (or first output, for merges) is a stage's [B, K] keep indices, for tools that
+# trace an emitted module's selections (keep-maps)
+KEEP_INDEX_OPS = ("select_topk", "select_divprune", "select_by_attention", "select_by_features", "drop_candidates",
+                  "merge_candidates", "tome_merge")
+
+
 def _check_count(candidates: torch.Tensor, n_candidates: int) -> None:
     counts = candidates.sum(dim=1)
     if bool((counts != n_candidates).any()):

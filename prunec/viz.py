@@ -17,9 +17,10 @@ import torch
 from torch import fx
 
 from .flops import estimate, layer_tokens
+from .ops import KEEP_INDEX_OPS
 from .spec import Plan
 
-SELECT_OPS = ("prunec.select_topk.default", "prunec.select_divprune.default")
+SELECT_OPS = tuple(f"prunec.{name}.default" for name in KEEP_INDEX_OPS)
 TITLE_HEIGHT = 28
 GAP = 8
 CHART_HEIGHT = 96
@@ -38,7 +39,7 @@ def record_selections(module: fx.GraphModule, inputs: tuple) -> list[torch.Tenso
         def run_node(self, node):
             out = super().run_node(node)
             if node.op == "call_function" and str(node.target) in SELECT_OPS:
-                found.append(out)
+                found.append(out[0] if isinstance(out, (tuple, list)) else out)  # merges: (index, ...)
             return out
 
     with torch.no_grad():

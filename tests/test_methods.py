@@ -405,6 +405,20 @@ def _check_vision_preset(plan, module, batch: int):
         torch.testing.assert_close(module(pixels), reference(pixels), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["aim", "todre", "tome", "hiprune", "holov"])
+def test_keep_maps_trace_every_selection_kind(built_presets, name):
+    """Keep-maps find each stage's keep indices, whatever op made them (merge ops return tuples)."""
+    from prunec.viz import kept_patches, record_selections
+
+    plan, module = built_presets(REPO / "specs" / f"{name}.yaml")
+    from prunec.compiler import example_shape
+
+    inputs = plan.adapter.example_inputs(example_shape(plan), 0)
+    selections = record_selections(module, inputs)
+    assert len(selections) == len(plan.stages)
+    assert [len(k) for k in kept_patches(plan, inputs, selections)] == [s.n_keep for s in plan.stages]
+
+
 def test_transprune_terms_select_differently(built_presets):
     """On these inputs IGA alone keeps other tokens than TTV (+ IGA): the reference is sensitive to
     which score runs. (On random weights TTV dominates the sum-normalized fusion: early tokens get
