@@ -274,6 +274,13 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             carried[(stage.domain, "size")] = size
             if stage.param_dict["proportional_attention"]:
                 _proportional_attention(gm, ctx, record, size)
+        elif info.kind == "merge" and info.signals[0] == "text_raters":  # a merge driven by scores
+            scores = _term_scores(add, record, stage.method, stage.param_dict, candidates, carried, valid)
+            merge = add("select", _OPS.merge_by_scores.default,
+                        (stage.method, _params_json(stage.method, stage.param_dict), record.site_value, scores,
+                         candidates, *sizes))
+            index = add("select", operator.getitem, (merge, 0))
+            source = add("select", operator.getitem, (merge, 1), meta_from=record.site_value)
         elif info.kind == "merge":
             qs, ks, masks, scales, causal = (_attention_lists(record, stage.method) if "layer_attention" in info.signals
                                              else ([], [], [], [], False))

@@ -30,7 +30,7 @@ from .methods.transprune import token_transition as _token_transition
 # ops whose output (or first output, for merges) is a stage's [B, K] keep indices, for tools that
 # trace an emitted module's selections (keep-maps)
 KEEP_INDEX_OPS = ("select_topk", "select_divprune", "select_by_attention", "select_by_features", "drop_candidates",
-                  "merge_candidates", "tome_merge")
+                  "merge_candidates", "merge_by_scores", "tome_merge")
 
 
 def _check_count(candidates: torch.Tensor, n_candidates: int) -> None:
@@ -294,6 +294,24 @@ def merge_candidates(method: str, params: str, hidden: torch.Tensor, candidates:
 
 @merge_candidates.register_fake
 def _(method, params, hidden, candidates, n_candidates, n_keep, qs, ks, masks, scales, is_causal):
+    return _keep_shape(candidates, n_candidates, n_keep), hidden.new_empty(hidden.shape)
+
+
+@torch.library.custom_op("prunec::merge_by_scores", mutates_args=())
+def merge_by_scores(method: str, params: str, hidden: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor,
+                    n_candidates: int, n_keep: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A registered merge method driven by per-token scores ([B, S]): like `merge_candidates`."""
+    positions = _candidate_positions(candidates, n_candidates)
+    width = hidden.shape[-1]
+    features = hidden.gather(1, positions[..., None].expand(-1, -1, width))
+    local, merged = get_method(method).fn(features, scores.gather(1, positions), n_keep, **json.loads(params))
+    rows = positions.gather(1, local)
+    out = hidden.clone().scatter_(1, rows[..., None].expand(-1, -1, width), merged.to(hidden.dtype))
+    return _keep_indices(candidates, positions, local), out
+
+
+@merge_by_scores.register_fake
+def _(method, params, hidden, scores, candidates, n_candidates, n_keep):
     return _keep_shape(candidates, n_candidates, n_keep), hidden.new_empty(hidden.shape)
 
 

@@ -233,7 +233,7 @@ def slow_fopru_rows(score: list[float], n_keep: int) -> list[int]:
     return sorted(kept)
 
 
-SITE_KINDS = ("spatten", "aim", "a2sf", "lazyllm", "sparsevlm")  # scored from the site layer's own attention map
+SITE_KINDS = ("spatten", "aim", "a2sf", "lazyllm", "sparsevlm", "sparsevlm_recycle")  # scored from the site layer's own attention map
 
 
 def _cos(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -319,6 +319,35 @@ def slow_holov(features: torch.Tensor, cls: list[float], n_keep: int, crops: int
     return sorted(i for c in range(crops) for i in tops[c][:quota[c]])
 
 
+def slow_recycle(features: torch.Tensor, scores: list[float], n_keep: int, clusters: int, ratio: float,
+                 neighbours: int) -> tuple[list[int], list[torch.Tensor]]:
+    """SparseVLM recycling from its description, one row: the top n_keep - clusters by score stay;
+    the deleted ones' best int(ratio * deleted) + 1 are clustered by DPC-kNN: d = euclidean / sqrt(D),
+    density = exp(-mean of the squared distances to the k nearest, itself included), delta = distance
+    to the nearest denser token (the largest distance when none), centres = the top `clusters` by
+    density x delta, each token to its nearest centre; a cluster's mean sits at its centre."""
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+    top, deleted = order[:n_keep - clusters], order[n_keep - clusters:]
+    pool = deleted[:min(len(deleted), int(ratio * len(deleted)) + 1)]
+    x = [features[p].double() for p in pool]
+    d = [[float((a - c).norm()) / math.sqrt(features.shape[1]) for c in x] for a in x]
+    k = min(neighbours, len(pool))
+    density = [math.exp(-sum(v ** 2 for v in sorted(row)[:k]) / k) for row in d]
+    largest = max(max(row) for row in d)
+    delta = [min([d[i][j] for j in range(len(pool)) if density[j] > density[i]], default=largest)
+             for i in range(len(pool))]
+    centres = sorted(range(len(pool)), key=lambda i: (-density[i] * delta[i], i))[:clusters]
+    members = {c: [] for c in centres}
+    for i in range(len(pool)):
+        owner = i if i in members else min(centres, key=lambda c: (d[i][c], centres.index(c)))
+        members[owner].append(x[i])
+    values = {p: features[p].double() for p in top}
+    for c in centres:
+        values[pool[c]] = sum(members[c]) / len(members[c])
+    kept = sorted(values)
+    return kept, [values[p] for p in kept]
+
+
 def term_kinds(stage: dict) -> list[str]:
     return [t["method"] for t in stage["terms"]] if stage["kind"] == "fuse" else [stage["kind"]]
 
@@ -401,7 +430,7 @@ class HookReference:
             stage = next((s for s in self.stages if s["layer"] is None), None)
             if stage is None:
                 state["mask2d"] = mask
-                if any(s["kind"] == "sparsevlm" for s in self.stages):
+                if any(s["kind"] in ("sparsevlm", "sparsevlm_recycle") for s in self.stages):
                     choose_raters(embeds)
                 return args, kwargs
             keep, locals_per_row = [], []
@@ -446,7 +475,7 @@ class HookReference:
             state["cands"] = [[k.index(c) for c in cands if c in k] for k, cands in zip(keep, state["cands"])]
             kwargs["inputs_embeds"] = _gather_rows(embeds, keep, 1)
             kwargs["attention_mask"] = state["mask2d"] = _gather_rows(mask, keep, 1)
-            if any(s["kind"] == "sparsevlm" for s in self.stages):
+            if any(s["kind"] in ("sparsevlm", "sparsevlm_recycle") for s in self.stages):
                 choose_raters(kwargs["inputs_embeds"])
             return args, kwargs
 
@@ -479,18 +508,39 @@ class HookReference:
             else:
                 state["pos"] = [[p[i] for i in k] for p, k in zip(positions, keep)]
 
+        def recycle(stage, rows, hidden):
+            """SparseVLM with recycling: a cut whose kept cluster tokens carry merged values."""
+            merged, picks = [], []
+            for b, cands in enumerate(state["cands"]):
+                kept, values = slow_recycle(hidden[b, cands], [float(rows[b, c]) for c in cands], stage["n_keep"],
+                                            stage["clusters"], stage["ratio"], stage["neighbours"])
+                merged.append({cands[i]: v for i, v in zip(kept, values)})
+                picks.append(kept)
+            forced = torch.full(rows.shape, -1.0, dtype=torch.float64)
+            for b, (cands, kept) in enumerate(zip(state["cands"], picks)):
+                forced[b, [cands[i] for i in kept]] = 1.0  # cut keeps exactly these candidates
+            cut(stage, forced)
+            state["merged"] = merged
+
         def before_layer(index):
             def hook(module, args, kwargs):
                 for stage in self.stages:
                     if stage["kind"] == "fastv" and stage["layer"] == index - 1:
                         cut(stage)
-                    if stage["kind"] in SITE_KINDS and stage["layer"] == index - 1:
+                    if stage["kind"] == "sparsevlm_recycle" and stage["layer"] == index - 1:
+                        recycle(stage, site_rows(stage), args[0] if args else kwargs["hidden_states"])
+                    elif stage["kind"] in SITE_KINDS and stage["layer"] == index - 1:
                         cut(stage, site_rows(stage))
                     if stage["kind"] in ("pyramiddrop", "ttv", "iga", "fuse") and stage["layer"] == index - 1:
                         cut(stage, in_llm_rows(stage, module, args[0] if args else kwargs["hidden_states"], kwargs))
                 if state["pending"] is not None:
                     keep, length = state["pending"]
                     hidden = args[0] if args else kwargs["hidden_states"]
+                    if hidden.shape[1] == length and state.get("merged"):
+                        hidden = hidden.clone()
+                        for b, values in enumerate(state.pop("merged")):
+                            for position, value in values.items():
+                                hidden[b, position] = value.to(hidden.dtype)
                     if hidden.shape[1] == length:
                         hidden = _gather_rows(hidden, keep, 1)
                         args = (hidden, *args[1:]) if args else args
@@ -569,7 +619,7 @@ class HookReference:
                     row = slow_aim(probs[b], valid, stage["temperature"], stage["iterations"])
                 elif stage["kind"] == "a2sf":
                     row = slow_a2sf(probs[b], valid, stage["forgetting"], stage["recent"], state["cands"][b])
-                elif stage["kind"] == "sparsevlm":  # head mean, then mean over the rater rows
+                elif stage["kind"] in ("sparsevlm", "sparsevlm_recycle"):  # head mean, mean over raters
                     tokens = state["cur"][b] if state["cur"] is not None else list(range(probs.shape[-1]))
                     rows = [i for i, t in enumerate(tokens) if t in state["raters"][b]]
                     row = (probs[b].double().mean(dim=0)[rows].mean(dim=0).tolist() if rows

@@ -531,6 +531,20 @@ def test_sparsevlm_raters_match_their_formula(batch, seq, spans):
         assert raters[b].nonzero().flatten().tolist() == [t for t, r in zip(text, relevance) if r > mean]
 
 
+@pytest.mark.parametrize("batch, n, n_keep, clusters, ratio", [(1, 16, 8, 1, 0.3), (2, 30, 10, 3, 0.5), (3, 12, 4, 2, 1.0)])
+def test_sparsevlm_recycling_matches_its_description(batch, n, n_keep, clusters, ratio):
+    from prunec.methods.sparsevlm import recycle_merge
+    from reference import slow_recycle
+
+    gen = torch.Generator().manual_seed(n)
+    features, scores = torch.randn(batch, n, 6, generator=gen), torch.rand(batch, n, generator=gen)
+    index, merged = recycle_merge(features, scores, n_keep, clusters=clusters, ratio=ratio, neighbours=3)
+    for b in range(batch):
+        kept, values = slow_recycle(features[b], scores[b].tolist(), n_keep, clusters, ratio, 3)
+        assert index[b].tolist() == kept
+        torch.testing.assert_close(merged[b].double(), torch.stack(values), atol=1e-6, rtol=0)
+
+
 def test_methods_command_lists_every_method():
     from typer.testing import CliRunner
 

@@ -7,9 +7,14 @@ Official code (Gumpest/SparseVLMs, branch v1.5, `modelling_sparse_llama.py` + `s
 - at each pruning layer (0-indexed 2, 6, 15), that layer's attention probabilities from the rater
   rows to the visual columns, averaged over heads and raters; keep the top-k of a fixed schedule
   (for "192": 300, 200, 110 visual tokens), renumber positions (v1.5).
-Not implemented: recycling (the top 30% of the deleted tokens clustered by DPC-kNN and averaged
-into extra tokens): prunec drops them. v1's rank-adaptive count and v2.0's gravity correction are
-not implemented either. The official code assumes batch 1; here each row has its own raters.
+Recycling (the top 30% (+1) of the deleted tokens by score clustered by DPC-kNN and averaged into
+extra tokens) is the merge method `sparsevlm_recycle`: the recycled tokens count in the stage's
+budget and `clusters` is explicit (the official count is pool // 10 + 1; its kNN size is not in
+the sources reached: `neighbours`, default 5 as in TCFormer's DPC-kNN, which SparseVLM's derives
+from, without TCFormer's random tie-breaking noise); each cluster token sits at its centre's
+position (the official code inserts them after the kept visual tokens). v1's rank-adaptive count
+and v2.0's gravity correction are not implemented. The official code assumes batch 1; here each
+row has its own raters.
 """
 from __future__ import annotations
 
@@ -52,4 +57,65 @@ register_method(MethodInfo(
     layer_sites_only=True,
     summary="site layer's attention from text raters (chosen once from the input embeddings); no recycling",
     source="Gumpest/SparseVLMs (v1.5) llava/model/language_model/modelling_sparse_llama.py, score.py",
+))
+
+
+def recycle_merge(features: torch.Tensor, scores: torch.Tensor, n_keep: int, clusters: int = 1,
+                  ratio: float = 0.3, neighbours: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseVLM's recycling, per row: keep the top n_keep - clusters candidates by score; of the
+    deleted ones, the top ratio (+1) by score are clustered by DPC-kNN (density = exp(-mean squared
+    distance to the `neighbours` nearest), distance to the nearest denser token, centres = the top
+    `clusters` by density x distance, every token to its nearest centre) and averaged per cluster;
+    each cluster's token sits at its centre's position. Ties go to the lower index.
+    features: [B, N, D], scores: [B, N]. Returns ([B, n_keep] sorted indices, [B, n_keep, D] values)."""
+    batch, n, width = features.shape
+    n_top = n_keep - clusters
+    rows_index, rows_values = [], []
+    for b in range(batch):
+        order = torch.sort(scores[b].float(), descending=True, stable=True).indices
+        top, deleted = order[:n_top], order[n_top:]
+        pool = deleted[:min(deleted.numel(), int(ratio * deleted.numel()) + 1)]
+        x = features[b, pool].float()
+        distance = torch.cdist(x, x) / width ** 0.5
+        k = min(neighbours, pool.numel())
+        density = torch.exp(-(distance.topk(k, dim=1, largest=False).values ** 2).mean(dim=1))
+        denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
+        parent = torch.where(denser, distance, distance.max()).min(dim=1).values
+        centres = torch.sort(parent * density, descending=True, stable=True).indices[:clusters]
+        assign = distance[:, centres].argmin(dim=1)
+        assign[centres] = torch.arange(clusters, device=x.device)
+        sums = torch.zeros(clusters, width, device=x.device).index_add_(0, assign, x)
+        counts = torch.zeros(clusters, device=x.device).index_add_(0, assign, torch.ones(pool.numel(), device=x.device))
+        index = torch.cat([top, pool[centres]])
+        values = torch.cat([features[b, top].float(), sums / counts[:, None]])
+        sort = index.argsort()
+        rows_index.append(index[sort])
+        rows_values.append(values[sort])
+    return torch.stack(rows_index), torch.stack(rows_values).to(features.dtype)
+
+
+register_method(MethodInfo(
+    name="sparsevlm_recycle",
+    action="merge",
+    kind="merge",
+    signals=("text_raters",),
+    fn=recycle_merge,
+    params_schema={
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["clusters"],
+        "properties": {
+            "clusters": {"type": "integer", "minimum": 1,
+                         "description": "recycled tokens, counted in the budget (official: pool // 10 + 1)"},
+            "ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
+                      "description": "share of the deleted tokens recycled, plus one (official 0.3)"},
+            "neighbours": {"type": "integer", "minimum": 1, "description": "k of DPC-kNN's density"},
+        },
+    },
+    defaults={"ratio": 0.3, "neighbours": 5},
+    default_positions="renumber",
+    domains=("llm",),
+    layer_sites_only=True,
+    summary="SparseVLM with recycling: rater scores keep the top tokens, DPC-kNN clusters of the best deleted ones",
+    source="Gumpest/SparseVLMs (v1.5) llava/model/language_model/modelling_sparse_llama.py, utils.py::cluster_and_merge",
 ))
