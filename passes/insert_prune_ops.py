@@ -107,7 +107,7 @@ def _last_token_view(add: _Appender, node: fx.Node, token_size):
 
 
 def _attention_lists(record: StageRecord, method: str):
-    """(qs, ks, masks, scales, is_causal, leading keys) of the layers a layer_attention method reads."""
+    """(qs, ks, masks, scales, is_causal) of the layers a layer_attention method reads."""
     calls = [(_attention(record, node, "a layer's attention"), leading) for node, leading in record.layer_attention[method]]
     qs = [sdpa["query"] for (sdpa, _, _), _ in calls]
     ks = [sdpa["key"] for (sdpa, _, _), _ in calls]
@@ -117,12 +117,14 @@ def _attention_lists(record: StageRecord, method: str):
 
 
 def _layer_attention_scores(add: _Appender, record: StageRecord, method: str, params: dict, candidates: fx.Node,
-                            valid: fx.Node | None) -> fx.Node:
+                            valid: fx.Node | None, prior: fx.Node | None) -> fx.Node:
     stage = record.stage
     qs, ks, masks, scales, causal = _attention_lists(record, method)
+    vs = ([_sdpa_args(node)["value"] for node, _ in record.layer_attention[method]]
+          if get_method(method).reads_values else [])
     at_layer = stage.layer is not None
     args = (method, _params_json(method, params), qs, ks, masks, scales, causal, valid if at_layer else None,
-            candidates if at_layer else None)
+            candidates if at_layer else None, vs, prior)
     scores = add("score", _OPS.attention_scores.default, args)
     if at_layer:
         return scores
@@ -146,11 +148,9 @@ def _term_scores(add: _Appender, record: StageRecord, method: str, params: dict,
     if signal == "transitions":
         return record.transitions
     if signal == "layer_attention":
-        scores = _layer_attention_scores(add, record, method, params, candidates, valid)
-        if info.accumulates:
-            key = (stage.domain, method)
-            if key in carried:
-                scores = add("score", torch.ops.aten.add.Tensor, (carried[key], scores))
+        key = (stage.domain, method)
+        scores = _layer_attention_scores(add, record, method, params, candidates, valid, carried.get(key))
+        if info.accumulates:  # the next stage continues from here (gathered by propagate_tokens)
             scores.meta["val"] = _row_val(record.site_value)
             carried[key] = scores
         return scores

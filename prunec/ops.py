@@ -242,15 +242,22 @@ def _(values, candidates, n_candidates):
 @torch.library.custom_op("prunec::attention_scores", mutates_args=())
 def attention_scores(method: str, params: str, qs: List[torch.Tensor], ks: List[torch.Tensor],
                      masks: List[Optional[torch.Tensor]], scales: List[float], is_causal: bool,
-                     valid: Optional[torch.Tensor], candidates: Optional[torch.Tensor]) -> torch.Tensor:
+                     valid: Optional[torch.Tensor], candidates: Optional[torch.Tensor], vs: List[torch.Tensor],
+                     prior: Optional[torch.Tensor]) -> torch.Tensor:
     """[B, S_keys] fp32 scores of a registered full-attention-map method over the given layers' q/k
-    (`params`: its JSON parameters; `candidates` when the keys are the site's sequence)."""
-    fn = get_method(method).fn
-    return fn(qs, ks, masks, scales, is_causal, valid, candidates=candidates, **json.loads(params)).float()
+    (and v, for methods that read values); `params`: its JSON parameters; `candidates` when the
+    keys are the site's sequence; `prior`: what an accumulating method's earlier stage left."""
+    info = get_method(method)
+    extra = json.loads(params)
+    if vs:
+        extra["values"] = vs
+    if info.accumulates:
+        extra["prior"] = prior
+    return info.fn(qs, ks, masks, scales, is_causal, valid, candidates=candidates, **extra).float()
 
 
 @attention_scores.register_fake
-def _(method, params, qs, ks, masks, scales, is_causal, valid, candidates):
+def _(method, params, qs, ks, masks, scales, is_causal, valid, candidates, vs, prior):
     return _row_scores_fake(qs[-1], qs[-1].shape[0], ks[-1].shape[-2])
 
 

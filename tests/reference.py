@@ -815,6 +815,32 @@ def slow_tome(hidden: torch.Tensor, size: list[float], keys: torch.Tensor, leadi
     return kept, [values[p] / sizes[p] for p in kept], [sizes[p] for p in kept]
 
 
+def slow_flow_score(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, leading: int) -> list[float]:
+    """FlowCut's per-layer score from its description, one image: q/k/v [S, H * hd] projections;
+    relation a_j = mean_h softmax_j(q_CLS k_j / sqrt(hd)), semantic s_j = mean_h softmax_j(v_CLS v_j),
+    score_j = (a_j / sum a + s_j / sum s) * |mean_h v_j|_1 over the candidates (0 for the leading)."""
+    seq, width = q.shape
+    hd = width // heads
+
+    def head_softmax_row(x, y, scale):
+        rows = []
+        for h in range(heads):
+            logits = [float(x[0, h * hd:(h + 1) * hd].double() @ y[j, h * hd:(h + 1) * hd].double()) * scale
+                      for j in range(seq)]
+            top = max(logits)
+            total = sum(math.exp(t - top) for t in logits)
+            rows.append([math.exp(t - top) / total for t in logits])
+        return [sum(r[j] for r in rows) / heads for j in range(seq)]
+
+    relation = head_softmax_row(q, k, hd ** -0.5)
+    semantic = head_softmax_row(v, v, 1.0)
+    cands = range(leading, seq)
+    sum_a, sum_s = sum(relation[j] for j in cands), sum(semantic[j] for j in cands)
+    mean_v = v.double().view(seq, heads, hd).mean(dim=1)
+    return [0.0 if j < leading else (relation[j] / sum_a + semantic[j] / sum_s) * float(mean_v[j].abs().sum())
+            for j in range(seq)]
+
+
 class VisionStagesReference:
     """HF vision encoder (eager attention) with cuts after encoder layers, each keeping the top
     `n_keep` patches by `score(probs)`, where probs is that layer's [H, S, S] attention for one
@@ -861,9 +887,41 @@ class VisionStagesReference:
                 return torch.stack(rows)
             return hook
 
+        flow = [s for s in self.stages if s["kind"] == "flowcut"]
+        flow_first = min((s.get("accumulate_from", s["layer"]) for s in flow), default=0)
+        flow_last = max((s["layer"] for s in flow), default=-1)
+        projections = {}
+
+        def keep_projection(index, name):
+            def hook(module, args, output):
+                projections[(index, name)] = output
+            return hook
+
+        def flow_layer(index):
+            def hook(module, args, output):  # after layer index's attention: its score, then the EMA
+                heads = self.model.config.num_attention_heads
+                rows = [slow_flow_score(*(projections[(index, n)][b] for n in ("q_proj", "k_proj", "v_proj")),
+                                        heads, self.leading) for b in range(output[0].shape[0])]
+                score = torch.tensor(rows, dtype=torch.float64)
+                state["flow"] = score if state.get("flow") is None else 0.5 * state["flow"] + 0.5 * score
+            return hook
+
+        def flow_cut(stage):
+            def hook(module, args, output):
+                keep = []
+                for b in range(output.shape[0]):
+                    cands = list(range(self.leading, output.shape[1]))
+                    local = slow_topk([float(state["flow"][b, c]) for c in cands], stage["n_keep"])
+                    keep.append(keep_list(cands, [cands[i] for i in local], output.shape[1]))
+                state["flow"] = _gather_rows(state["flow"], keep, 1)
+                return _gather_rows(output, keep, 1)
+            return hook
+
         def cut(stage):
             if stage["kind"] == "tome":
                 return merge(stage)
+            if stage["kind"] == "flowcut":
+                return flow_cut(stage)
 
             def hook(module, args, output):
                 keep = []
@@ -881,6 +939,11 @@ class VisionStagesReference:
                 handles.append(layer.attention.register_forward_hook(keep_probs(stage["layer"])))
                 handles.append(layer.attention.k_proj.register_forward_hook(keep_keys(stage["layer"])))
                 handles.append(layer.register_forward_hook(cut(stage)))
+            for index in range(flow_first, flow_last + 1):
+                attention = self.layers[index].attention
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    handles.append(getattr(attention, name).register_forward_hook(keep_projection(index, name)))
+                handles.append(attention.register_forward_hook(flow_layer(index)))
             if any(s["kind"] == "tome" and s["proportional_attention"] for s in self.stages):
                 for layer in self.layers:
                     handles.append(layer.attention.register_forward_pre_hook(proportional))

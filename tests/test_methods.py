@@ -238,6 +238,25 @@ def test_vision_attention_map_methods_match_their_formulas(batch, heads, side):
                 assert kept[b].tolist() == expected, strategy
 
 
+@pytest.mark.parametrize("batch, heads, seq", [(1, 2, 10), (3, 4, 17)])
+def test_flowcut_matches_its_description(batch, heads, seq):
+    from prunec.methods.flowcut import flow_scores
+    from reference import slow_flow_score
+
+    gen = torch.Generator().manual_seed(seq)
+    layers = [[torch.randn(batch, seq, heads * 4, generator=gen) for _ in range(3)] for _ in range(2)]  # q, k, v
+    split = [[t.view(batch, seq, heads, 4).transpose(1, 2) for t in layer] for layer in layers]
+    candidates = torch.arange(seq)[None, :].expand(batch, -1) >= 1
+    prior = torch.rand(batch, seq, generator=gen)
+    actual = flow_scores([q for q, _, _ in split], [k for _, k, _ in split], [None, None], [0.5, 0.5], False, None,
+                         candidates=candidates, values=[v for _, _, v in split], prior=prior)
+    for b in range(batch):
+        expected = prior[b].double()
+        for q, k, v in layers:
+            expected = 0.5 * expected + 0.5 * torch.tensor(slow_flow_score(q[b], k[b], v[b], heads, 1), dtype=torch.float64)
+        torch.testing.assert_close(actual[b, 1:].double(), expected[1:], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("batch, side, crops, n_keep", [(1, 4, 4, 6), (2, 4, 2, 5), (2, 6, 4, 20)])
 def test_holov_matches_its_description(batch, side, crops, n_keep):
     from prunec.methods.holov import holov_keep
@@ -389,7 +408,7 @@ def test_preset_matches_hook_reference(built_presets, preset, pads):
 
 
 def _vision_score(stage: dict):
-    if stage["kind"] == "tome":
+    if stage["kind"] in ("tome", "flowcut"):
         return None
     assert stage["kind"] == "zero_tprune", stage["kind"]
     return lambda probs: slow_pagerank(probs, [1.0 / probs.shape[-1]] * probs.shape[-1], stage["iterations"])

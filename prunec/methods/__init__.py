@@ -48,7 +48,8 @@ class MethodInfo:
     score_fn: Callable[..., Any] | None = None  # select methods: a score form for fusion
     # layer_attention methods: the layers whose attention they read, from (params, scoring layer)
     attention_layers: Callable[[dict[str, Any], int], list[int]] | None = None
-    accumulates: bool = False        # sums per-layer scores from `accumulate_from`, carried across stages
+    accumulates: bool = False        # combines per-layer scores from `accumulate_from`, carried across stages
+    reads_values: bool = False       # layer_attention methods that also read the layers' values
     layer_params: tuple[str, ...] = ()  # params that choose layers: the compiler reads them, fn never sees them
 
 
@@ -107,5 +108,5 @@ def stage_signals(method: str, params: dict[str, Any]) -> set[str]:
     return {s for name, _, _ in terms(method, params) for s in get_method(name).signals}
 
 
-from . import (a2sf, aim, aim_merge, divprune, fastervlm, fastv, fopru, fuse, hiprune, holov, lazyllm,  # noqa: E402,F401
-               pyramiddrop, sparsevlm, spatten, todre, tome, transprune, visionzip, vtc_cls, zero_tprune)  # registration
+from . import (a2sf, aim, aim_merge, divprune, fastervlm, fastv, flowcut, fopru, fuse, hiprune, holov,  # noqa: E402,F401
+               lazyllm, pyramiddrop, sparsevlm, spatten, todre, tome, transprune, visionzip, vtc_cls, zero_tprune)  # registration

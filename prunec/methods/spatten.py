@@ -16,9 +16,10 @@ from .attention_maps import attention_probs, query_validity
 
 
 def cumulative_attention(qs, ks, masks, scales, is_causal: bool, valid: torch.Tensor | None,
-                         candidates=None) -> torch.Tensor:
-    """Sum over the given layers, heads and valid query rows of the attention probabilities: [B, S]."""
-    total = None
+                         candidates=None, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over the given layers, heads and valid query rows of the attention probabilities, added
+    to `prior` (an earlier stage's sum over the same tokens): [B, S]."""
+    total = prior
     for q, k, mask, scale in zip(qs, ks, masks, scales):
         probs = attention_probs(q, k, mask, scale, is_causal)  # [B, H, S, S]
         rows = query_validity(valid, probs.shape[0], probs.shape[2], probs.device)
