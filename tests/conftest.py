@@ -65,6 +65,28 @@ def llava_inputs(config, pads: list[int], seq_len: int, image_offsets: list[int]
     return ids, mask, pixels
 
 
+def llama_inputs(pads: list[int], seq_len: int, seed: int):
+    """A text batch with left padding: row b starts with pads[b] pad tokens (id 0, masked)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 200, (len(pads), seq_len), generator=gen)
+    mask = torch.ones_like(ids)
+    for b, pad in enumerate(pads):
+        ids[b, :pad] = 0
+        mask[b, :pad] = 0
+    return ids, mask
+
+
+def assert_close_on_kept_real_tokens(actual, expected, mask, final_tokens, atol=1e-5):
+    """Text pruning: padding is a candidate and may survive; sdpa and eager disagree only on a kept
+    pad's fully masked row, so compare the rows of real tokens (`final_tokens`: the input positions
+    each row kept, from the hook reference)."""
+    for b, kept in enumerate(final_tokens):
+        real = mask[b, kept].bool()
+        assert real[-1] and real.sum() >= 3
+        torch.testing.assert_close(actual[b, real], expected[b, real], atol=atol, rtol=0,
+                                   msg=lambda m, b=b: f"row {b}: {m}")
+
+
 def assert_close_on_real_tokens(actual, expected, pads, atol=1e-5):
     """Compare [B, K, ...] outputs on non-padding positions. Left padding is never pruned, so row b's
     first pads[b] outputs are padding; sdpa and eager attention disagree on fully-masked rows."""

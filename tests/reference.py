@@ -130,30 +130,6 @@ def next_layer_rows(layer, hidden, cos, sin, mask, rows_per_batch):
     return torch.stack(out)
 
 
-def pyramiddrop_last_row(layer, hidden, cos, sin, mask):
-    """PyramidDrop's score from its definition: the *next* layer's norm, q/k projections and RoPE
-    on the current hidden states; the last token's softmax row over all keys (under `mask`, [B, S]
-    additive or bool row), mean over heads. Returns [B, S]."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    batch, seq, _ = x.shape
-    hd = attn.head_dim
-    q = attn.q_proj(x).view(batch, seq, -1, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(batch, seq, -1, hd).transpose(1, 2)
-    q, k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
-    rows = []
-    for b in range(batch):
-        per_head = []
-        for h in range(q.shape[1]):
-            kh = k[b, h // (q.shape[1] // k.shape[1])]
-            logits = (kh @ q[b, h, -1]) * hd ** -0.5
-            row_mask = mask[b]
-            logits = logits.masked_fill(~row_mask, float("-inf")) if row_mask.dtype == torch.bool else logits + row_mask
-            per_head.append(torch.softmax(logits.double(), dim=0))
-        rows.append(torch.stack(per_head).mean(dim=0))
-    return torch.stack(rows)
-
-
 # -- attention-map scores from their definitions, over eager attention probabilities ------------
 # probs: [H, S, S] one row's per-head softmax attention (query, key); valid: which tokens are real.
 
@@ -579,7 +555,8 @@ class HookReference:
             term_rows = []
             for kind in term_kinds(stage):
                 if kind == "pyramiddrop":
-                    term_rows.append(pyramiddrop_last_row(layer, hidden, cos, sin, mask[:, 0, -1]).double())
+                    last = [[hidden.shape[1] - 1] for _ in range(hidden.shape[0])]  # the last token's row
+                    term_rows.append(next_layer_rows(layer, hidden, cos, sin, mask, last))
                 elif kind == "iga":  # queries: the tokens after each row's last candidate
                     queries = [list(range(max(c) + 1, hidden.shape[1])) for c in state["cands"]]
                     term_rows.append(next_layer_rows(layer, hidden, cos, sin, mask, queries))

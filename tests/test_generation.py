@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from conftest import llava_inputs
+from conftest import llama_inputs, llava_inputs
 from reference import HookReference, reference_stages
 
 from prunec.generate import Generator, Sampling
@@ -52,16 +52,6 @@ PRUNED_LLAMA = {
 }
 
 
-def _llama_prompt(pads, seq_len, seed):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 200, (len(pads), seq_len), generator=gen)
-    mask = torch.ones_like(ids)
-    for b, pad in enumerate(pads):
-        ids[b, :pad] = 0
-        mask[b, :pad] = 0
-    return ids, mask
-
-
 def _hf(plan):
     return load_model(plan.lock["model"], plan.spec.base_dir)
 
@@ -83,7 +73,7 @@ def test_keep_everything_llava_generates_what_hf_generate_does(build, pads):
 def test_keep_everything_llama_generates_what_hf_generate_does(build, pads):
     plan, _, artifact = build(_spec("gen-keep-llama", "tiny-llama", "[]", seq_len=12))
     hf = _hf(plan)
-    ids, mask = _llama_prompt(pads, 14, seed=5)
+    ids, mask = llama_inputs(pads, 14, seed=5)
     ours, logits = Generator(artifact).generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=None,
                                                 return_logits=True)
     expected = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
@@ -119,7 +109,7 @@ def test_pruned_llama_generation_matches_hook_reference(build, name, pads):
     plan, _, artifact = build(_spec(f"gen-{name}", "tiny-llama", PRUNED_LLAMA[name], seq_len=14))
     stages = reference_stages(plan)
     reference = HookReference(_hf(plan), stages)
-    ids, mask = _llama_prompt(pads, 14, seed=17)
+    ids, mask = llama_inputs(pads, 14, seed=17)
     ours, our_logits = Generator(artifact).generate(ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=None,
                                                     return_logits=True)
     expected, logits = reference.generate(ids, mask, max_new_tokens=NEW_TOKENS)

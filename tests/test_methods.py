@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_close_on_real_tokens, llava_inputs
+from conftest import REPO, assert_close_on_kept_real_tokens, assert_close_on_real_tokens, llama_inputs, llava_inputs
 from reference import (HookReference, VisionStagesReference, fuse_rows, reference_stages, slow_divprune_order,
                        slow_pagerank, slow_ranks, slow_topk, slow_ttv)
 
@@ -394,17 +394,12 @@ def test_preset_matches_hook_reference(built_presets, preset, pads):
         assert actual.shape[1] == seq_len - dropped
         return assert_close_on_real_tokens(actual, expected, pads, 1e-5)
     assert family == "llama", family
-    ids = torch.randint(3, 200, (len(pads), seq_len), generator=torch.Generator().manual_seed(11 + len(pads)))
-    mask = torch.ones_like(ids)
-    for b, pad in enumerate(pads):
-        mask[b, :pad] = 0
+    ids, mask = llama_inputs(pads, seq_len, seed=11 + len(pads))
     with torch.no_grad():
         actual = module(ids, mask)
     expected = reference(ids, mask)
     assert actual.shape[1] == seq_len - dropped
-    for b, kept in enumerate(reference.final_tokens):  # a kept pad's fully masked row differs (sdpa/eager)
-        real = mask[b, kept].bool()
-        torch.testing.assert_close(actual[b, real], expected[b, real], atol=1e-5, rtol=0)
+    assert_close_on_kept_real_tokens(actual, expected, mask, reference.final_tokens)
 
 
 def _vision_score(stage: dict):

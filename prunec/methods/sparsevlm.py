@@ -22,6 +22,7 @@ import torch
 
 from . import MethodInfo, register_method
 from .attention_maps import rows_attention
+from .merging import group_means, in_position_order
 
 
 def text_raters(embeds: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -84,13 +85,10 @@ def recycle_merge(features: torch.Tensor, scores: torch.Tensor, n_keep: int, clu
         centres = torch.sort(parent * density, descending=True, stable=True).indices[:clusters]
         assign = distance[:, centres].argmin(dim=1)
         assign[centres] = torch.arange(clusters, device=x.device)
-        sums = torch.zeros(clusters, width, device=x.device).index_add_(0, assign, x)
-        counts = torch.zeros(clusters, device=x.device).index_add_(0, assign, torch.ones(pool.numel(), device=x.device))
-        index = torch.cat([top, pool[centres]])
-        values = torch.cat([features[b, top].float(), sums / counts[:, None]])
-        sort = index.argsort()
-        rows_index.append(index[sort])
-        rows_values.append(values[sort])
+        index, values = in_position_order(torch.cat([top, pool[centres]]),
+                                          torch.cat([features[b, top].float(), group_means(x, assign, clusters)]))
+        rows_index.append(index)
+        rows_values.append(values)
     return torch.stack(rows_index), torch.stack(rows_values).to(features.dtype)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from . import MethodInfo, register_method
 from .attention_maps import attention_probs
+from .merging import group_means, in_position_order
 
 
 def dominant_contextual(features: torch.Tensor, n_keep: int, qs, ks, masks, scales, is_causal: bool,
@@ -39,14 +40,10 @@ def dominant_contextual(features: torch.Tensor, n_keep: int, qs, ks, masks, scal
         similarity = keys[b, others] @ keys[b, targets].T  # [M - C, C]
         assign = similarity.argmax(dim=1) if others.numel() else others
         values = features[b].float()
-        sums = torch.zeros(contextual, values.shape[1], device=values.device).index_add_(0, assign, values[others])
-        counts = torch.zeros(contextual, device=values.device).index_add_(0, assign, torch.ones(others.numel(), device=values.device))
-        merged = values[targets] + sums / counts.clamp(min=1)[:, None]
-        index = torch.cat([dominant, targets])
-        value = torch.cat([values[dominant], merged])
-        order = index.argsort()
-        rows_index.append(index[order])
-        rows_values.append(value[order])
+        merged = values[targets] + group_means(values[others], assign, contextual)
+        index, value = in_position_order(torch.cat([dominant, targets]), torch.cat([values[dominant], merged]))
+        rows_index.append(index)
+        rows_values.append(value)
     return torch.stack(rows_index), torch.stack(rows_values).to(features.dtype)
 
 
