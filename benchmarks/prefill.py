@@ -1,7 +1,7 @@
 """Regenerate the prefill table of docs/benchmarks.md: `prunec bench` over the specs in
 benchmarks/specs/ (the LLaVA-shaped workload described in base.yaml).
 
-    OMP_NUM_THREADS=1 python benchmarks/prefill.py [--rounds N] [--json out.json]
+    OMP_NUM_THREADS=1 python benchmarks/prefill.py [--rounds N] [--json out.json] [--specs a.yaml b.yaml]
     python benchmarks/prefill.py --from-json docs/benchmarks-prefill.json   # re-print a recorded run
 
 Each spec is built (timed), then the unpruned model, the emitted module and the eager-attention way
@@ -20,6 +20,7 @@ from prunec.bench import bench_spec
 
 SPECS = Path(__file__).parent / "specs"
 RUNS = ["fastv-k2-keep25.yaml", "pyramiddrop.yaml", "divprune-keep25.yaml", "divprune-keep11.yaml"]
+METHOD_RUNS = ["transprune-high.yaml", "sparsevlm-192.yaml", "visionzip-64.yaml", "holov-64.yaml"]
 
 
 def main() -> None:
@@ -27,13 +28,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write every report here")
     parser.add_argument("--from-json", type=Path, help="print the tables of a recorded run instead of running")
+    parser.add_argument("--specs", nargs="+", default=RUNS,
+                        help=f"spec files in benchmarks/specs (default: {' '.join(RUNS)}; the method-library "
+                             f"table: {' '.join(METHOD_RUNS)})")
     args = parser.parse_args()
     if args.from_json:
         reports = json.loads(args.from_json.read_text())
     else:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         reports = []
-        for name in RUNS:
+        for name in args.specs:
             reports.append(bench_spec(SPECS / name, rounds=args.rounds))
             print(f"done: {name}", flush=True)
         if args.json:
