@@ -151,18 +151,41 @@ def _exact(plan: Plan, new_tokens: int) -> dict:
 
 
 def _scoring_macs(plan: Plan) -> int:
-    """Projections a method recomputes outside the model's own layers (not in `pruned`): the next
-    layer's K for every token and Q for the last one, then one attention row, per such stage."""
-    from .methods import get_method
+    """Work a method recomputes outside the model's own layers (not in `pruned`), per stage:
+    next_layer_qk: the next layer's K for every token, Q for the last one, one attention row;
+    instruction_qk: K and Q for every token, and rows for every non-candidate token (an upper bound
+    on the instruction rows); text_raters: attention rows for every non-candidate token (an upper
+    bound on the raters); layer_attention at a layer site: Q K^T for each layer read (each layer
+    once across the stages of an accumulating method). Per-token statistics (TTV norms, cosines) and the
+    vision-side maps of pre-LLM methods are not counted (the latter are O(vision tokens^2 d))."""
+    from .methods import get_method, stage_signals, terms
 
     total = 0
+    summed_through: dict[tuple[str, str], int] = {}
     for stage in plan.stages:
-        if "next_layer_qk" not in get_method(stage.method).signals:
-            continue
+        signals = stage_signals(stage.method, stage.param_dict)
         d, _, _ = plan.adapter.layer_dims(stage.domain)
         d_attn, d_kv = plan.adapter.attention_dims(stage.domain)
-        n = domain_lengths(plan, stage.domain)[stage.layer][0]
-        total += n * d * d_kv + d * d_attn + 2 * n * d_attn
+        if stage.layer is None:
+            continue
+        lengths = domain_lengths(plan, stage.domain)
+        n = lengths[stage.layer][0]
+        if "next_layer_qk" in signals:
+            total += n * d * d_kv + d * d_attn + 2 * n * d_attn
+        if "instruction_qk" in signals:
+            total += n * d * d_kv + n * d * d_attn + 2 * (n - stage.n_candidates) * n * d_attn
+        if "text_raters" in signals:
+            total += 2 * (n - stage.n_candidates) * n * d_attn
+        for method, params, _ in terms(stage.method, stage.param_dict):
+            info = get_method(method)
+            if "layer_attention" not in info.signals:
+                continue
+            first = stage.layer
+            if info.accumulates:
+                key = (stage.domain, method)
+                first = max(params.get("accumulate_from", stage.layer), summed_through.get(key, -1) + 1)
+                summed_through[key] = stage.layer
+            total += sum(lengths[layer][0] ** 2 * d_attn for layer in range(first, stage.layer + 1))
     return total
 
 
