@@ -48,6 +48,17 @@ def _candidate_positions(candidates: torch.Tensor, n_candidates: int) -> torch.T
     return candidates.nonzero()[:, 1].view(candidates.shape[0], n_candidates)
 
 
+def _candidate_rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, S, D] hidden states -> [B, N, D] rows of the candidates at `positions` ([B, N])."""
+    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _merged_back(hidden: torch.Tensor, positions: torch.Tensor, local: torch.Tensor, merged: torch.Tensor):
+    """A copy of `hidden` whose surviving candidates (`local` into `positions`) hold `merged`."""
+    rows = positions.gather(1, local)
+    return hidden.clone().scatter_(1, rows[..., None].expand(-1, -1, hidden.shape[-1]), merged.to(hidden.dtype))
+
+
 def _keep_indices(candidates: torch.Tensor, positions: torch.Tensor, local_keep: torch.Tensor) -> torch.Tensor:
     """Union of the non-candidates and the kept candidates, as sorted [B, K] sequence indices."""
     keep = ~candidates
@@ -101,7 +112,7 @@ def _(scores, candidates, n_candidates, n_keep):
 def select_divprune(hidden: torch.Tensor, candidates: torch.Tensor, n_candidates: int, n_keep: int) -> torch.Tensor:
     """DivPrune over the candidates' hidden states; keeps every non-candidate."""
     positions = _candidate_positions(candidates, n_candidates)
-    features = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    features = _candidate_rows(hidden, positions)
     greedy = None
     if use_triton(hidden):
         from .kernels.max_min_greedy import max_min_greedy as greedy
@@ -213,7 +224,7 @@ def _(scores, candidates, weights, fusion, normalize):
 def diversity_scores(hidden: torch.Tensor, candidates: torch.Tensor, n_candidates: int) -> torch.Tensor:
     """DivPrune's score form over the candidates (-pick step of the full greedy order): [B, S] fp32."""
     positions = _candidate_positions(candidates, n_candidates)
-    features = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    features = _candidate_rows(hidden, positions)
     return _scatter(diversity_order_scores(features), positions, candidates.shape[1])
 
 
@@ -272,7 +283,7 @@ def select_by_attention(method: str, params: str, qs: List[torch.Tensor], ks: Li
     positions = _candidate_positions(candidates, n_candidates)
     extra = json.loads(params)
     if hidden is not None:
-        extra["features"] = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        extra["features"] = _candidate_rows(hidden, positions)
     local = get_method(method).fn(qs, ks, masks, scales, is_causal, n_candidates, n_keep, **extra)
     return _keep_indices(candidates, positions, local)
 
@@ -290,13 +301,10 @@ def merge_candidates(method: str, params: str, hidden: torch.Tensor, candidates:
     maps): (sorted keep indices over the sequence, hidden states with each surviving candidate's row
     replaced by its merged value). Gathering the second by the first gives the merged sequence."""
     positions = _candidate_positions(candidates, n_candidates)
-    width = hidden.shape[-1]
-    features = hidden.gather(1, positions[..., None].expand(-1, -1, width))
+    features = _candidate_rows(hidden, positions)
     attention = (qs, ks, masks, scales, is_causal) if qs else ()
     local, merged = get_method(method).fn(features, n_keep, *attention, **json.loads(params))
-    rows = positions.gather(1, local)
-    out = hidden.clone().scatter_(1, rows[..., None].expand(-1, -1, width), merged.to(hidden.dtype))
-    return _keep_indices(candidates, positions, local), out
+    return _keep_indices(candidates, positions, local), _merged_back(hidden, positions, local, merged)
 
 
 @merge_candidates.register_fake
@@ -309,12 +317,9 @@ def merge_by_scores(method: str, params: str, hidden: torch.Tensor, scores: torc
                     n_candidates: int, n_keep: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """A registered merge method driven by per-token scores ([B, S]): like `merge_candidates`."""
     positions = _candidate_positions(candidates, n_candidates)
-    width = hidden.shape[-1]
-    features = hidden.gather(1, positions[..., None].expand(-1, -1, width))
+    features = _candidate_rows(hidden, positions)
     local, merged = get_method(method).fn(features, scores.gather(1, positions), n_keep, **json.loads(params))
-    rows = positions.gather(1, local)
-    out = hidden.clone().scatter_(1, rows[..., None].expand(-1, -1, width), merged.to(hidden.dtype))
-    return _keep_indices(candidates, positions, local), out
+    return _keep_indices(candidates, positions, local), _merged_back(hidden, positions, local, merged)
 
 
 @merge_by_scores.register_fake
@@ -380,7 +385,7 @@ def select_by_features(method: str, params: str, hidden: torch.Tensor, candidate
                        n_keep: int) -> torch.Tensor:
     """A registered select method over the candidates' hidden states; keeps every non-candidate."""
     positions = _candidate_positions(candidates, n_candidates)
-    features = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    features = _candidate_rows(hidden, positions)
     return _keep_indices(candidates, positions, get_method(method).fn(features, n_keep, **json.loads(params)))
 
 
