@@ -303,6 +303,85 @@ def methods(as_json: bool = typer.Option(False, "--json", help="machine-readable
         typer.echo(f"{'':<12} source: {row['source']}")
 
 
+@app.command("eval")
+def eval_(spec: Path = typer.Argument(..., help="spec file (its pipeline is applied to the task's zoo model)"),
+          task: str = typer.Option(..., "--task", help="digits-vqa | dinov2-probe | smollm2-text"),
+          limit: Optional[int] = typer.Option(500, min=1, help="held-out examples (default 500)"),
+          keep: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                               help="rescale the budgets so the last stage keeps this share"),
+          batch_size: int = typer.Option(16, min=1, help="examples per forward"),
+          threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: OMP_NUM_THREADS or torch's)"),
+          as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Run the unpruned and the pruned model on a held-out task and print a paper-style table."""
+    import torch
+
+    from .evals import evaluate, table
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        result = evaluate(spec, task, limit=limit, keep=keep, batch_size=batch_size,
+                          note=lambda message: typer.echo(message, err=True))
+    except (PrunecError, ModuleNotFoundError) as exc:
+        _fail(exc if isinstance(exc, PrunecError) else PrunecError(str(exc)))
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    typer.echo(table([result]))
+    others = {k: (result.metrics_unpruned[k], v) for k, v in result.metrics_pruned.items()}
+    typer.echo("all metrics (unpruned -> pruned): " + ", ".join(f"{k} {a:.4g} -> {b:.4g}" for k, (a, b) in others.items()))
+    typer.echo(f"{result.examples} examples; build {result.seconds['build_s']}s, unpruned {result.seconds['unpruned_s']}s, "
+               f"pruned {result.seconds['pruned_s']}s, {torch.get_num_threads()} threads")
+
+
+zoo_app = typer.Typer(no_args_is_help=True, help="the offline model zoo: real trained models rebuilt from installed packages")
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("list")
+def zoo_list(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """Every zoo model: whether it is prepared, where, and the packages it is rebuilt from."""
+    import importlib.util
+
+    from . import zoo
+
+    rows = []
+    for name, entry in zoo.entries().items():
+        missing = [p for p in entry.packages if importlib.util.find_spec(p.replace("-", "_")) is None]
+        rows.append({"name": name, "prepared": zoo.is_prepared(name), "path": str(zoo.path(name)),
+                     "packages": list(entry.packages), "missing_packages": missing,
+                     "description": entry.description})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = "prepared" if row["prepared"] else (f"missing {', '.join(row['missing_packages'])}"
+                                                   if row["missing_packages"] else "not prepared")
+        typer.echo(f"{row['name']:<14} {state:<14} {row['description']}")
+    typer.echo(f"cache: {zoo.cache_dir()}")
+
+
+@zoo_app.command("prepare")
+def zoo_prepare(names: list[str] = typer.Argument(..., help="zoo models to build (see `prunec zoo list`)")) -> None:
+    """Build zoo models into the cache (once; a second call returns at once)."""
+    from . import zoo
+
+    for name in names:
+        try:
+            zoo.entry(name)
+        except KeyError as exc:
+            _fail(PrunecError(str(exc).strip('"')))
+        if zoo.is_prepared(name):
+            typer.echo(f"{name}: already prepared at {zoo.path(name)}")
+            continue
+        start = time.perf_counter()
+        try:
+            target = zoo.prepare(name, lambda message, n=name: typer.echo(f"{n}: {message}", err=True))
+        except ModuleNotFoundError as exc:
+            _fail(PrunecError(str(exc)))
+        typer.echo(f"{name}: prepared at {target} in {time.perf_counter() - start:.1f}s")
+
+
 @app.command()
 def schema(out: Optional[Path] = typer.Option(None, "-o", "--out", help="write to this file instead of stdout")) -> None:
     """Print (or write) the spec's JSON Schema (Draft 2020-12), e.g. for editors."""

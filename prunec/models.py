@@ -1,5 +1,5 @@
-"""Where models come from: a named built-in config with seeded random weights, a config file, or a
-local `from_pretrained` directory. Nothing is ever downloaded."""
+"""Where models come from: a named built-in config with seeded random weights, a config file, a
+local `from_pretrained` directory, or an offline zoo entry (`prunec.zoo`). Nothing is ever downloaded."""
 from __future__ import annotations
 
 import hashlib
@@ -69,13 +69,24 @@ def builtin_config(name: str) -> transformers.PretrainedConfig:
     return _config_from_dict(BUILTIN_CONFIGS[name])
 
 
+def _pretrained_dir(source: dict[str, Any], base_dir: Path) -> Path:
+    if "zoo" in source:
+        from . import zoo
+
+        try:
+            return zoo.prepare(source["zoo"])
+        except (KeyError, ModuleNotFoundError) as exc:
+            raise BuildError(str(exc).strip('"')) from None
+    return base_dir / source["path"]
+
+
 def model_config(source: dict[str, Any], base_dir: Path) -> transformers.PretrainedConfig:
     """The config of the spec's model, without building weights (used by semantic validation)."""
     if "builtin" in source:
         return builtin_config(source["builtin"])
     if "config" in source:
         return _config_from_dict(json.loads((base_dir / source["config"]).read_text()))
-    return transformers.AutoConfig.from_pretrained(base_dir / source["path"], local_files_only=True)
+    return transformers.AutoConfig.from_pretrained(_pretrained_dir(source, base_dir), local_files_only=True)
 
 
 def load_model(source: dict[str, Any], base_dir: Path) -> torch.nn.Module:
@@ -83,8 +94,8 @@ def load_model(source: dict[str, Any], base_dir: Path) -> torch.nn.Module:
     dtype = getattr(torch, source.get("dtype", "float32"))
     attn = source.get("attn_implementation", "sdpa")
     config = model_config(source, base_dir)
-    if "path" in source:
-        model = _model_class(config).from_pretrained(base_dir / source["path"], local_files_only=True,
+    if "path" in source or "zoo" in source:
+        model = _model_class(config).from_pretrained(_pretrained_dir(source, base_dir), local_files_only=True,
                                                      dtype=dtype, attn_implementation=attn)
     else:
         config._attn_implementation = attn

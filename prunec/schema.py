@@ -6,6 +6,7 @@ from typing import Any
 
 from .methods import method_names
 from .models import BUILTIN_CONFIGS
+from .zoo import entries as zoo_entries
 
 SPEC_VERSION = 1
 SITE_PATTERN = r"^(?:(?:llm|vision|encoder)\.layers\[\s*\d+(?:\s*,\s*\d+)*\s*\]|projector\.output|vision\.output)$"
@@ -47,13 +48,15 @@ def spec_schema() -> dict[str, Any]:
                 "properties": {
                     "builtin": {"enum": sorted(BUILTIN_CONFIGS)},
                     "path": {"type": "string", "description": "local from_pretrained directory"},
+                    "zoo": {"enum": sorted(zoo_entries()), "description": "offline model zoo entry (`prunec zoo list`), prepared on first use"},
                     "config": {"type": "string", "description": "config.json; weights are seeded random"},
                     "family": {"enum": families()},
                     "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
                     "dtype": {"enum": ["float32", "float16", "bfloat16"]},
                     "attn_implementation": {"enum": ["sdpa", "eager"]},
                 },
-                "oneOf": [{"required": ["builtin"]}, {"required": ["path"]}, {"required": ["config"]}],
+                "oneOf": [{"required": ["builtin"]}, {"required": ["path"]}, {"required": ["config"]},
+                          {"required": ["zoo"]}],
             },
             "inputs": {
                 "type": "object",

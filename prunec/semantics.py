@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from .errors import SpecError
+from .errors import BuildError, SpecError
 from .spec import Plan, Spec, Stage, _pointer, _schema_error
 from .yaml_loader import PositionedDoc
 
@@ -76,7 +76,7 @@ def _check_model(spec: Spec):
     try:
         config = models.model_config(model_src, spec.base_dir)
         adapter = adapter_for(config)
-    except (KeyError, OSError, ValueError) as exc:
+    except (KeyError, OSError, ValueError, ImportError, BuildError) as exc:
         raise SpecError(f"cannot use this model: {exc}", spec.locate("/model")) from None
     if "family" in model_src and model_src["family"] != adapter.family:
         raise SpecError(f"model is family {adapter.family!r} (model_type {config.model_type!r}), "
