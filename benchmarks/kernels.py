@@ -7,7 +7,9 @@ Each pair runs alternately (A B A B ...) after a warm-up; medians of CUDA-event 
 times. Effective bandwidth = bytes the kernel must read and write / time. Sizes follow the issue:
 a residual-stream gather of 576 -> 144 visual tokens x 4096, attention rows for 1-64 queries
 against 4096 keys (32 heads, head_dim 128), DivPrune 576 -> 144 (its greedy loop fused vs torch's
-loop; both include the distance matmul), token transitions over 4096 tokens x 4096.
+loop; both include the distance matmul), token transitions over 4096 tokens x 4096, ToMe's bipartite
+matching of 576 tokens (288 x 288, head_dim 64 metric) and its size-weighted merge of r = 144 rows
+x 1024 (ViT-L width).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from prunec.kernels.max_min_greedy import max_min_greedy
 from prunec.kernels.token_transition import token_transition
 from prunec.methods.transprune import token_transition as token_transition_torch
 from prunec.methods.divprune import divprune_keep, greedy_max_min
+from prunec.kernels.bipartite_merge import bipartite_match, merge_into
+from prunec.methods import tome as tome_method
 
 
 def _time(fn, device: str) -> float:
@@ -86,6 +90,18 @@ def main() -> None:
     b = torch.randn(1, keys, hidden, generator=gen).to(device, dtype)
     lines.append(compare(f"token transition {keys} x {hidden}", lambda: token_transition(a, b),
                          lambda: token_transition_torch(a, b), 2 * a.numel() * element, rounds, device))
+    n_half, metric_dim, width, r = (20, 16, 64, 8) if args.smoke else (tokens // 2, 64, 1024, 144)
+    ma = torch.nn.functional.normalize(torch.randn(1, n_half, metric_dim, generator=gen), dim=-1).to(device)
+    mb = torch.nn.functional.normalize(torch.randn(1, n_half, metric_dim, generator=gen), dim=-1).to(device)
+    lines.append(compare(f"tome match {n_half} x {n_half} (d {metric_dim})", lambda: bipartite_match(ma, mb),
+                         lambda: tome_method._match(ma, mb), 2 * n_half * metric_dim * 4 + n_half * 12, rounds, device))
+    hidden_m = torch.randn(1, 2 * n_half, width, generator=gen).to(device, dtype)
+    size = torch.ones(1, 2 * n_half, device=device)
+    perm = torch.randperm(2 * n_half, generator=gen).to(device)
+    src, dst = perm[:r][None], perm[r:2 * r][None]
+    lines.append(compare(f"tome merge {r} rows x {width}", lambda: merge_into(hidden_m, size, src, dst),
+                         lambda: tome_method._merge(hidden_m, size, src, dst),
+                         2 * hidden_m.numel() * element + 3 * r * width * 4, rounds, device))
     print("\n".join(lines))
 
 

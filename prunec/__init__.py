@@ -44,9 +44,9 @@ def build(spec_path, out_dir: str | Path | None = None) -> Path:
 def load(path: str | Path):
     """Load an artifact directory (or its model.pt2) as a runnable torch.nn.Module. Nothing in the
     artifact is unpickled, and a directory's program must match its manifest digest."""
-    from .artifact import load_program
+    from .artifact import load_module
 
-    return load_program(path).module()
+    return load_module(path)
 
 
 def load_generator(path: str | Path):

@@ -124,6 +124,18 @@ def read_manifest(artifact: Path) -> dict:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
 
 
+def load_module(path: str | Path, member: str = "model.pt2") -> torch.nn.Module:
+    """`load_program(...).module()`, run under the spec's `backend:` when it is not `auto`."""
+    import yaml
+
+    from .kernels import WithBackend
+
+    module = load_program(path, member).module()
+    lock = Path(path) / "spec.lock.yaml"
+    mode = yaml.safe_load(lock.read_text()).get("backend", "auto") if lock.is_file() else "auto"
+    return module if mode == "auto" else WithBackend(module, mode)
+
+
 def load_program(path: str | Path, member: str = "model.pt2") -> torch.export.ExportedProgram:
     """Load an artifact directory's `member` program (digest checked against its manifest) or a
     bare .pt2 file."""

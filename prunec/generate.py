@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .artifact import load_program, read_manifest
+from .artifact import load_module, read_manifest
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class Generator:
         manifest = read_manifest(artifact)
         if "decode" not in manifest:
             raise ValueError(f"{artifact} was built without `decode:`; rebuild with `decode: {{policy: static}}`")
-        self.prefill = load_program(artifact, "prefill.pt2").module()
-        self.step = load_program(artifact, "decode.pt2").module()
+        self.prefill = load_module(artifact, "prefill.pt2")
+        self.step = load_module(artifact, "decode.pt2")
         self.layers = len(manifest["decode"]["cache_lengths"])
         self.position_offset = manifest["decode"]["position_offset"]
         lock = yaml.safe_load((artifact / "spec.lock.yaml").read_text())

@@ -134,6 +134,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, dims: List[int]) -> torc
         for dim in dims:  # the kernel gathers dim 1; move each token axis there and back
             out = gather_rows(out.movedim(dim, 1), index).movedim(1, dim)
         return out.contiguous()
+    return _gather_torch(x, index, dims)
+
+
+def _gather_torch(x: torch.Tensor, index: torch.Tensor, dims: List[int]) -> torch.Tensor:
     batch, kept = index.shape
     out = x.expand(batch, *x.shape[1:]) if x.shape[0] != batch else x
     for dim in dims:
@@ -145,12 +149,31 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, dims: List[int]) -> torc
     return out.clone() if out is x else out
 
 
-@gather_tokens.register_fake
-def _(x, index, dims):
+def _gathered_like(x, index, dims):
     shape = [index.shape[0]] + list(x.shape[1:])
     for dim in dims:
         shape[dim] = index.shape[1]
     return x.new_empty(shape)
+
+
+@gather_tokens.register_fake
+def _(x, index, dims):
+    return _gathered_like(x, index, dims)
+
+
+@torch.library.custom_op("prunec::gather_tokens_many", mutates_args=())
+def gather_tokens_many(xs: List[torch.Tensor], index: torch.Tensor) -> List[torch.Tensor]:
+    """`gather_tokens(x, index, [1])` for every x at once: one kernel launch (per word width) on GPU."""
+    if use_triton(index, *xs):
+        from .kernels.gather_many import gather_many
+
+        return gather_many(list(xs), index)
+    return [_gather_torch(x, index, [1]) for x in xs]
+
+
+@gather_tokens_many.register_fake
+def _(xs, index):
+    return [_gathered_like(x, index, [1]) for x in xs]
 
 
 @torch.library.custom_op("prunec::span_mask", mutates_args=())
@@ -334,6 +357,10 @@ def tome_merge(hidden: torch.Tensor, size: Optional[torch.Tensor], keys: torch.T
     `size` None means every token stands for one."""
     _check_count(candidates, n_candidates)
     size = torch.ones(hidden.shape[:2], device=hidden.device) if size is None else size
+    if use_triton(hidden, keys):
+        from .kernels.bipartite_merge import bipartite_match, merge_into
+
+        return _tome_merge(hidden, size, keys, candidates, n_keep, match=bipartite_match, merge=merge_into)
     return _tome_merge(hidden, size, keys, candidates, n_keep)
 
 

@@ -47,9 +47,6 @@ def resolve(spec: Spec) -> Plan:
     """Check the spec against its model and resolve budgets into counts."""
     model_src, config, adapter = _check_model(spec)
     inputs = _check_inputs(spec, adapter, config)
-    if spec.data.get("backend") == "triton":
-        raise SpecError("backend 'triton' is not available yet: no Triton kernels are registered; "
-                        "use auto or torch", spec.locate("/backend"))
     if spec.data.get("output", {}).get("logits") == "last" and not adapter.generates:
         raise SpecError(f"output.logits: last applies to causal LMs; family {adapter.family} returns hidden states",
                         spec.locate("/output/logits"))
@@ -61,7 +58,20 @@ def resolve(spec: Spec) -> Plan:
             raise SpecError("decode policy 'dynamic' (re-selection during decoding, with revival) is not "
                             "implemented yet; use static", spec.locate("/decode/policy"))
     stages = _resolve_stages(spec, adapter, model_src, inputs)
+    if spec.data.get("backend") == "triton":
+        _check_kernels(spec, stages)
     return Plan(spec, adapter, stages, _lock(spec.data, model_src, inputs, list(stages), spec))
+
+
+def _check_kernels(spec: Spec, stages) -> None:
+    """backend: triton promises every stage's scoring and selection runs as a Triton kernel."""
+    from .kernels import kernel_gaps
+
+    gaps = sorted({gap for stage in stages for gap in kernel_gaps(stage.method, stage.param_dict)})
+    if gaps:
+        raise SpecError(f"backend 'triton': no Triton kernel for {', '.join(gaps)} (kernels exist for attention-row "
+                        "scores, TTV, top-k, DivPrune and ToMe); use auto (kernels where they exist) or torch",
+                        spec.locate("/backend"))
 
 
 def _check_model(spec: Spec):

@@ -26,7 +26,7 @@ from .yaml_loader import PositionedDoc, escape_pointer_token, load_yaml
 
 _ONE_CHOICE = re.compile(r"^/pipeline/\d+/keep$")
 _METHOD_POINTER = re.compile(r"^/pipeline/\d+/method$")
-_MODEL_SOURCES = {"builtin", "path", "config"}
+_MODEL_SOURCES = {"builtin", "path", "config", "zoo"}
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def _merge(base: Any, over: Any, pointer: str, base_locs: dict, over_locs: dict,
            doc: PositionedDoc) -> Any:
     """Deep-merge `over` onto `base`: mappings merge, lists and scalars replace, null deletes.
     Two mappings are one choice each and so replace rather than merge: a stage's `keep` (count or
-    ratio), and the model's source (`builtin` / `path` / `config`)."""
+    ratio), and the model's source (`builtin` / `path` / `config` / `zoo`)."""
     if isinstance(base, dict) and isinstance(over, dict) and not _ONE_CHOICE.match(pointer):
         merged = dict(base)
         if pointer == "/model" and _MODEL_SOURCES & set(over):
@@ -216,7 +216,7 @@ def _schema_error(err: jsonschema.ValidationError, doc: PositionedDoc) -> SpecEr
         return SpecError(f"unknown key {extra[0]!r}; expected one of: {allowed}" if extra else err.message,
                          doc.locate_key(key_ptr))
     if err.validator == "oneOf" and pointer == "/model":
-        return SpecError("expected exactly one of `builtin`, `path` or `config`", doc.locate(pointer))
+        return SpecError("expected exactly one of `builtin`, `path`, `config` or `zoo`", doc.locate(pointer))
     if err.validator in ("oneOf", "anyOf") and err.context:
         # Report the branch that got furthest, which names the real problem.
         best = max(err.context, key=lambda e: (len(e.absolute_path), e.validator != "type"))

@@ -27,6 +27,8 @@ from prunec.kernels.max_min_greedy import max_min_greedy  # noqa: E402
 from prunec.kernels.topk_spans import topk_spans  # noqa: E402
 from prunec.methods.divprune import divprune_keep  # noqa: E402
 from prunec.ops import select_topk  # noqa: E402
+from prunec.kernels.bipartite_merge import bipartite_match, merge_into  # noqa: E402
+from prunec.methods import tome as tome_method  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = 2e-6
@@ -43,6 +45,25 @@ def test_gather_rows_is_exact(dtype, shape, kept):
     x = torch.randn(shape, generator=gen).to(dtype)
     index = _sorted_keep(shape[0], shape[1], kept, gen)
     assert torch.equal(gather_rows(x, index), gather_rows_torch(x, index))
+
+
+@pytest.mark.parametrize("batch, seq, kept", [(1, 7, 3), (3, 37, 20), (2, 300, 67)])
+def test_gather_many_is_exact_for_mixed_tensors(batch, seq, kept):
+    """One call over a stage's tensors: every dtype, bool masks, odd widths (narrower words), a
+    batch-1 rotary table, a non-contiguous view."""
+    from prunec.kernels.gather_many import gather_many
+
+    gen = torch.Generator().manual_seed(seq)
+    index = _sorted_keep(batch, seq, kept, gen)
+    tensors = [torch.randn(batch, seq, 33, generator=gen).to(torch.bfloat16),
+               torch.randn(batch, seq, 64, generator=gen),
+               torch.randint(0, 1000, (batch, seq), generator=gen),
+               torch.rand(batch, seq, generator=gen) > 0.5,
+               torch.randn(1, seq, 16, generator=gen),
+               torch.randn(batch, seq, 3, 5, generator=gen).half(),
+               torch.randn(batch, 24, seq, generator=gen).transpose(1, 2)]
+    for x, out in zip(tensors, gather_many(tensors, index)):
+        assert out.dtype == x.dtype and torch.equal(out, gather_rows_torch(x, index))
 
 
 def test_gather_rows_broadcasts_a_batch_one_table():
@@ -152,6 +173,58 @@ def test_max_min_greedy_breaks_ties_to_the_lower_index():
     assert torch.equal(divprune_keep(features, 4, greedy=max_min_greedy), divprune_keep(features, 4))
 
 
+@pytest.mark.parametrize("batch, n_a, n_b, dim", [(1, 5, 4, 8), (3, 37, 33, 24), (2, 100, 97, 64), (2, 70, 130, 40)])
+def test_bipartite_match_finds_the_same_partners(batch, n_a, n_b, dim):
+    """Non-power-of-two token counts and widths; similarities within 1e-6, partners identical."""
+    gen = torch.Generator().manual_seed(n_a)
+    a = torch.nn.functional.normalize(torch.randn(batch, n_a, dim, generator=gen), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(batch, n_b, dim, generator=gen), dim=-1)
+    best, partner = bipartite_match(a, b)
+    expected_best, expected_partner = tome_method._match(a, b)
+    torch.testing.assert_close(best, expected_best, atol=1e-6, rtol=0)
+    assert torch.equal(partner, expected_partner)
+    slow = torch.tensor([[max(range(n_b), key=lambda j: (float(a[r, i] @ b[r, j]), -j)) for i in range(n_a)]
+                         for r in range(batch)])
+    assert torch.equal(partner, slow)
+
+
+def test_bipartite_match_breaks_ties_to_the_lower_index_across_tiles():
+    a = torch.tensor([[[1.0, 0.0]] * 3])
+    b = torch.zeros(1, 70, 2)
+    b[0, [5, 40, 69]] = torch.tensor([1.0, 0.0])  # the same best partner in three B tiles of 32
+    assert bipartite_match(a, b)[1].tolist() == [[5, 5, 5]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch, seq, width, r", [(1, 9, 8, 3), (3, 57, 96, 20), (2, 200, 130, 90)])
+def test_merge_into_equals_scatter_add(dtype, batch, seq, width, r):
+    """Several sources per destination (atomics), sizes from earlier merges, all three dtypes."""
+    gen = torch.Generator().manual_seed(seq)
+    hidden = torch.randn(batch, seq, width, generator=gen).to(dtype)
+    size = torch.randint(1, 5, (batch, seq), generator=gen).float()
+    perm = torch.stack([torch.randperm(seq, generator=gen) for _ in range(batch)])
+    src = perm[:, :r]
+    dst = perm[:, r:][:, torch.randint(0, max(1, r // 3), (r,), generator=gen)]  # shared destinations
+    merged, new_size = merge_into(hidden, size, src, dst)
+    expected, expected_size = tome_method._merge(hidden, size, src, dst)
+    assert merged.dtype == dtype and torch.equal(new_size, expected_size)
+    tol = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # one rounding of the output
+    torch.testing.assert_close(merged.float(), expected.float(), atol=tol * expected.float().abs().max().item(), rtol=0)
+
+
+def test_tome_through_the_kernels_equals_the_torch_path():
+    gen = torch.Generator().manual_seed(3)
+    hidden, keys = torch.randn(2, 50, 48, generator=gen), torch.randn(2, 3, 50, 16, generator=gen)
+    size = torch.randint(1, 3, (2, 50), generator=gen).float()
+    candidates = torch.ones(2, 50, dtype=torch.bool)
+    candidates[:, 0] = False  # [CLS]
+    expected = tome_method.tome_merge(hidden, size, keys, candidates, 30)
+    actual = tome_method.tome_merge(hidden, size, keys, candidates, 30, match=bipartite_match, merge=merge_into)
+    assert torch.equal(actual[0], expected[0])
+    torch.testing.assert_close(actual[1], expected[1], atol=2e-6, rtol=0)
+    assert torch.equal(actual[2], expected[2])
+
+
 def test_ops_dispatch_to_the_kernels_and_keep_results(build, monkeypatch):
     """An emitted module whose prunec ops take the Triton path (forced on CPU, interpreted) gives
     the torch path's output: the dispatch wiring is exercised without a GPU."""
@@ -187,7 +260,8 @@ def test_every_kernel_compiles_for_hopper():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from prunec.kernels import attention_rows, gather, max_min_greedy, token_transition, topk_spans
+        from prunec.kernels import (attention_rows, bipartite_merge, gather, gather_many, max_min_greedy, token_transition,
+                                    topk_spans)
 
         target = GPUTarget("cuda", 90, 32)
         def build(fn, signature, constexprs):
@@ -210,17 +284,29 @@ def test_every_kernel_compiles_for_hopper():
                   {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "mask_ptr": "*i8", "stats_ptr": "*fp32", "out_ptr": "*fp32",
                    "heads": "i32", "rows": "i32", "group": "i32", "n_keys": "i32", "n_blocks": "i32", "first_row": "i32",
                    "scale": "fp32", **strides, "stride_or": "i32"}, {**flags, "BLOCK_B": 64})
+            build(bipartite_merge.merge_add_kernel,
+                  {"hidden_ptr": f"*{dtype}", "size_ptr": "*fp32", "src_ptr": "*i64", "dst_ptr": "*i64", "acc_ptr": "*fp32",
+                   "size_acc_ptr": "*fp32", "n_src": "i32", "width": "i32", "stride_hb": "i32", "stride_hs": "i32",
+                   "stride_sb": "i32", "stride_ib": "i32", "stride_ab": "i32", "stride_as": "i32"},
+                  {"BLOCK_R": 16, "BLOCK_F": 128})
             build(token_transition.transition_stats_kernel,
                   {"x_in_ptr": f"*{dtype}", "x_out_ptr": f"*{dtype}", "valid_ptr": "*i8", "ratio_ptr": "*fp32",
                    "turn_ptr": "*fp32", "n_tokens": "i32", "features": "i32", "eps": "fp32", "stride_ib": "i32",
                    "stride_is": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_vb": "i32", "stride_rb": "i32"},
                   {"ABS_COS": False, "HAS_VALID": True, "BLOCK_S": 16, "BLOCK_D": 128})
+        for word in (8, 4, 2, 1):
+            build(gather_many.gather_many_kernel, {"table_ptr": "*i64", "index_ptr": "*i64", "kept": "i32", "stride_ib": "i32"},
+                  {"WORD": word, "BLOCK_K": 16, "BLOCK_W": 128})
         build(topk_spans.topk_spans_kernel,
               {"scores_ptr": "*fp32", "candidates_ptr": "*i8", "out_ptr": "*i64", "n_tokens": "i32", "n_keep": "i32",
                "stride_sb": "i32", "stride_cb": "i32", "stride_ob": "i32"}, {"BLOCK_S": 1024})
         build(max_min_greedy.max_min_greedy_kernel,
               {"distance_ptr": "*fp32", "first_ptr": "*i64", "out_ptr": "*i64", "n_tokens": "i32", "n_keep": "i32",
                "stride_db": "i32", "stride_dr": "i32", "stride_ob": "i32"}, {"BLOCK_N": 1024})
+        build(bipartite_merge.bipartite_match_kernel,
+              {"a_ptr": "*fp32", "b_ptr": "*fp32", "best_ptr": "*fp32", "partner_ptr": "*i64", "n_a": "i32", "n_b": "i32",
+               "dim": "i32", "stride_ab": "i32", "stride_an": "i32", "stride_bb": "i32", "stride_bn": "i32",
+               "stride_ob": "i32"}, {"BLOCK_A": 32, "BLOCK_B": 32, "BLOCK_D": 32})
         build(token_transition.weighted_softmax_kernel,
               {"turn_ptr": "*fp32", "ratio_ptr": "*fp32", "out_ptr": "*fp32", "n_tokens": "i32", "stride_b": "i32"},
               {"BLOCK_S": 256})
@@ -228,4 +314,36 @@ def test_every_kernel_compiles_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled") == 15
+    assert proc.stdout.count("compiled") == 23
+
+
+def test_backend_option_picks_the_path_and_keeps_results(build, monkeypatch):
+    """backend: torch never launches a kernel; triton takes them (interpreted on CPU); auto on CPU
+    takes none; all three give the same output."""
+    from conftest import llava_inputs
+
+    import prunec.kernels.gather as gather_module
+
+    launches = []
+    real = gather_module.gather_rows
+    monkeypatch.setattr(gather_module, "gather_rows", lambda *a, **k: launches.append(1) or real(*a, **k))
+    outputs = {}
+    for mode in ("torch", "triton", "auto"):
+        plan, module, _ = build(f"""
+            prunec: 1
+            name: backend-{mode}
+            model: {{builtin: tiny-llava}}
+            inputs: {{batch: 2, seq_len: 30}}
+            backend: {mode}
+            pipeline:
+              - {{site: projector.output, method: divprune, keep: {{count: 12}}}}
+              - {{site: "llm.layers[1]", method: fastv, keep: {{count: 6}}}}
+        """)
+        ids, mask, pixels = llava_inputs(plan.adapter.config, [0, 3], seq_len=30, seed=2)
+        launches.clear()
+        with torch.no_grad():
+            outputs[mode] = module(ids, mask, pixels)
+        assert bool(launches) == (mode == "triton"), mode
+    for mode in ("triton", "auto"):
+        for b, pad in enumerate([0, 3]):
+            torch.testing.assert_close(outputs[mode][b, pad:], outputs["torch"][b, pad:], atol=1e-5, rtol=0)

@@ -71,6 +71,18 @@ def test_prepare_is_idempotent_and_atomic(zoo_cache, monkeypatch):
     assert zoo.prepare("dinov2-s") == first
     assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == stamps
 
+    rebuilt = []
+
+    def rebuild(staging, note):
+        rebuilt.append(note)
+        builders.build_dinov2(staging, note)
+
+    # what prunec ships changed (a new projector, say): the entry is stale and rebuilt in place
+    monkeypatch.setattr(zoo, "entries", lambda: {"dinov2-s": zoo.ZooEntry("dinov2-s", "", (), rebuild, lambda: "2")})
+    assert not zoo.is_prepared("dinov2-s")
+    assert zoo.prepare("dinov2-s") == first and len(rebuilt) == 1 and zoo.is_prepared("dinov2-s")
+    assert sorted(p.name for p in zoo_cache.iterdir()) == ["dinov2-s"]
+
     def fails_halfway(staging, note):
         builders.build_minilm(staging, note)
         raise RuntimeError("interrupted")

@@ -111,14 +111,16 @@ def task_spec(spec_data: dict, task: Task, model_dir: Path) -> dict:
 
 
 def rescale(data: dict, plan, keep: float) -> dict:
-    """Every stage's budget scaled by one factor so the last stage keeps `keep` of the candidates
-    the first stage saw (rounded; at least 1 unless the stage drops all). Budgets become counts."""
+    """Every stage's budget scaled by one factor so the last stage that keeps candidates keeps `keep`
+    of those the first stage saw (rounded; at least 1). Stages that drop every candidate stay so.
+    Budgets become counts."""
     stages = list(plan.stages)
     if not stages:
         return data
-    first, last = stages[0].n_candidates, stages[-1].n_keep
+    first = stages[0].n_candidates
+    last = next((s.n_keep for s in reversed(stages) if s.n_keep), 0)
     if last == 0:
-        raise PrunecError("the last stage drops every candidate; keep= cannot rescale it")
+        raise PrunecError("every stage drops all candidates; keep= has nothing to rescale")
     factor = keep * first / last
     counts: dict[str, list[int]] = {}
     previous = first

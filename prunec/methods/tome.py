@@ -18,12 +18,26 @@ import torch
 from . import MethodInfo, register_method
 
 
+def _match(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (a @ b.transpose(1, 2)).max(dim=-1)  # first (lowest) B on ties
+
+
+def _merge(hidden, size, src_pos, dst_pos):
+    width = hidden.shape[-1]
+    weighted = hidden.float() * size[..., None]
+    weighted = weighted.scatter_add(1, dst_pos[..., None].expand(-1, -1, width),
+                                    weighted.gather(1, src_pos[..., None].expand(-1, -1, width)))
+    new_size = size.float().scatter_add(1, dst_pos, size.float().gather(1, src_pos))
+    return (weighted / new_size[..., None]).to(hidden.dtype), new_size
+
+
 def tome_merge(hidden: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor,
-               n_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               n_keep: int, match=_match, merge=_merge) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [B, S, D]; size [B, S] tokens each row represents; keys [B, H, S, hd] of the block;
     candidates [B, S] bool (same count per row). Returns (sorted keep indices [B, K], hidden with the
-    destinations' rows merged, sizes likewise), K = S - (candidates - n_keep)."""
-    batch, seq, width = hidden.shape
+    destinations' rows merged, sizes likewise), K = S - (candidates - n_keep). `match` and `merge`
+    are the two heavy steps, swappable for the Triton kernels (`prunec.kernels.bipartite_merge`)."""
+    batch, seq, _ = hidden.shape
     positions = torch.arange(seq, device=hidden.device)
     n_a = int((candidates & (positions % 2 == 0)).sum(dim=1)[0])
     n_b = int((candidates & (positions % 2 == 1)).sum(dim=1)[0])
@@ -35,14 +49,10 @@ def tome_merge(hidden: torch.Tensor, size: torch.Tensor, keys: torch.Tensor, can
     metric = torch.nn.functional.normalize(keys.float().mean(dim=1), dim=-1)  # [B, S, hd]
     a = metric.gather(1, a_pos[..., None].expand(-1, -1, metric.shape[-1]))
     b = metric.gather(1, b_pos[..., None].expand(-1, -1, metric.shape[-1]))
-    best, partner = (a @ b.transpose(1, 2)).max(dim=-1)  # first (lowest) B on ties
+    best, partner = match(a, b)
     src = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :r]
     src_pos, dst_pos = a_pos.gather(1, src), b_pos.gather(1, partner.gather(1, src))
-    weighted = hidden.float() * size[..., None]
-    weighted = weighted.scatter_add(1, dst_pos[..., None].expand(-1, -1, width),
-                                    weighted.gather(1, src_pos[..., None].expand(-1, -1, width)))
-    new_size = size.float().scatter_add(1, dst_pos, size.float().gather(1, src_pos))
-    merged = (weighted / new_size[..., None]).to(hidden.dtype)
+    merged, new_size = merge(hidden, size, src_pos, dst_pos)
     keep = torch.ones(batch, seq, dtype=torch.bool, device=hidden.device).scatter(1, src_pos, False)
     index = keep.nonzero()[:, 1].view(batch, seq - r)
     return index, merged, new_size
