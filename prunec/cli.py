@@ -366,11 +366,12 @@ def zoo_prepare(names: list[str] = typer.Argument(..., help="zoo models to build
     """Build zoo models into the cache (once; a second call returns at once)."""
     from . import zoo
 
-    for name in names:
+    for name in names:  # every name checked before anything is built
         try:
             zoo.entry(name)
         except KeyError as exc:
             _fail(PrunecError(str(exc).strip('"')))
+    for name in names:
         if zoo.is_prepared(name):
             typer.echo(f"{name}: already prepared at {zoo.path(name)}")
             continue

