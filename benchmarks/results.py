@@ -122,8 +122,8 @@ def main() -> None:
                 print(f"{task} {spec} keep {keep}", flush=True)
                 try:
                     result = evaluate(ROOT / spec, task, limit=args.limit, keep=keep, cache=cache).as_dict()
-                except prunec.PrunecError as exc:
-                    result = {"task": task, "keep": keep, "error": str(exc).splitlines()[0][:120]}
+                except Exception as exc:  # recorded as not run, with the reason, and the run goes on
+                    result = {"task": task, "keep": keep, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
                 result["spec"] = spec
                 # merge with what other runs recorded meanwhile (tasks may run in separate processes)
                 on_disk = json.loads(args.json.read_text())["records"] if args.json.is_file() else []

@@ -63,6 +63,17 @@ def resolve(spec: Spec) -> Plan:
     return Plan(spec, adapter, stages, _lock(spec.data, model_src, inputs, list(stages), spec))
 
 
+def _check_tome_budget(spec: Spec, ptr: str, kind: str, adapter, protect, available: int, n_keep: int) -> None:
+    """ToMe's bipartite matching merges only A tokens (even positions among the candidates, which
+    follow the protected leading tokens), each into one B token: at most |A| per stage."""
+    first = adapter.leading_tokens() if "cls" in protect else 0
+    n_a = (first + available + 1) // 2 - (first + 1) // 2
+    if available - n_keep > n_a:
+        raise SpecError(f"tome merges at most {n_a} of {available} tokens in one stage (one per A token of the "
+                        f"bipartite split), asked to merge {available - n_keep}; spread the reduction over more "
+                        "layers", spec.locate(f"{ptr}/keep/{kind}"))
+
+
 def _check_kernels(spec: Spec, stages) -> None:
     """backend: triton promises every stage's scoring and selection runs as a Triton kernel."""
     from .kernels import kernel_gaps
@@ -221,6 +232,8 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             if n_keep < 1 and info.action == "merge":
                 raise SpecError("a merge keeps at least one token; use a prune method with `count: 0`",
                                 spec.locate(f"{ptr}/keep/{kind}"))
+            if info.name == "tome":
+                _check_tome_budget(spec, ptr, kind, adapter, protect, available, n_keep)
             key = (_DOMAIN_ORDER.get(domain, 1), rank)
             if previous and key <= previous[0]:
                 raise SpecError(f"site {site} does not come after {previous[1]}; stages must follow the "

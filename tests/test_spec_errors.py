@@ -87,6 +87,9 @@ CASES = [
     ("protect-cls-on-llava", {"s.yaml": variant(replace={11: "    keep: {ratio: 0.5}\n    protect: [cls]"})}, 12,
      "cannot protect 'cls'"),
     ("no-span-family", {"s.yaml": variant(replace={4: "  builtin: tiny-bert"})}, 9, "no prunable token span"),
+    ("tome-merges-more-than-its-a-tokens", {"s.yaml": "prunec: 1\nname: t\nmodel: {builtin: tiny-vit}\npipeline:\n"
+                                            "  - {site: 'vision.layers[1]', method: tome, keep: {count: 7}}\n"}, 5,
+     "tome merges at most 8 of 16 tokens in one stage"),
     ("triton-backend-without-kernels", {"s.yaml": variant(replace={9: "  - site: projector.output", 10: "    method: holov"},
                                                           append="backend: triton\n")}, 12, "no Triton kernel for holov"),
     ("bad-name", {"s.yaml": variant(replace={2: "name: a/b"})}, 2, "expected a string matching"),

@@ -220,7 +220,7 @@ def test_dinov2_probe_keep_all_equals_unpruned_and_pruning_changes_features(zoo_
     pruned = evaluate(_spec(tmp_path, "tome", "model: {builtin: tiny-vit}\npipeline:\n"
                                               "  - {site: 'vision.layers[2]', method: tome, action: merge, "
                                               "keep: {ratio: 0.5}}\n"),
-                      "dinov2-probe", limit=24, keep=0.25, cache=cache)
+                      "dinov2-probe", limit=24, keep=0.6, cache=cache)  # 38 of 64: ToMe merges <= |A| = 32
     _check(keep_all, pruned, "digits_accuracy", "feature_cosine")
 
 
