@@ -3,6 +3,9 @@
     python benchmarks/kernels.py                 # on a CUDA machine: the real measurement
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke   # CPU: checks the script runs (times meaningless)
 
+The stage gather moves a stage's hidden states, position ids, candidate mask and rotary cos/sin
+in one `gather_many` call against five torch gathers.
+
 Each pair runs alternately (A B A B ...) after a warm-up; medians of CUDA-event (or wall-clock)
 times. Effective bandwidth = bytes the kernel must read and write / time. Sizes follow the issue:
 a residual-stream gather of 576 -> 144 visual tokens x 4096, attention rows for 1-64 queries
@@ -21,6 +24,7 @@ import torch
 
 from prunec.kernels.attention_rows import attention_rows, attention_rows_torch
 from prunec.kernels.gather import gather_rows, gather_rows_torch
+from prunec.kernels.gather_many import gather_many
 from prunec.kernels.max_min_greedy import max_min_greedy
 from prunec.kernels.token_transition import token_transition
 from prunec.methods.transprune import token_transition as token_transition_torch
@@ -75,6 +79,13 @@ def main() -> None:
     index = torch.randperm(tokens, generator=gen)[:kept].sort().values[None].to(device)
     lines.append(compare(f"gather {tokens}->{kept} x {hidden}", lambda: gather_rows(x, index),
                          lambda: gather_rows_torch(x, index), 2 * kept * hidden * element, rounds, device))
+    stage = [x, torch.randint(0, tokens, (1, tokens), generator=gen).to(device),
+             (torch.rand(1, tokens, generator=gen) > 0.5).to(device),
+             torch.randn(1, tokens, head_dim, generator=gen).to(device), torch.randn(1, tokens, head_dim, generator=gen).to(device)]
+    stage_bytes = 2 * kept * sum(t[0, 0].numel() * t.element_size() for t in stage)
+    lines.append(compare(f"stage gather (hidden, positions, mask, cos, sin) {tokens}->{kept}",
+                         lambda: gather_many(stage, index), lambda: [gather_rows_torch(t, index) for t in stage],
+                         stage_bytes, rounds, device))
     for rows in (1, 8, 64):
         q = torch.randn(1, heads, rows, head_dim, generator=gen).to(device, dtype)
         k = torch.randn(1, heads, keys, head_dim, generator=gen).to(device, dtype)

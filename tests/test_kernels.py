@@ -3,7 +3,9 @@ ahead of time for Hopper (sm_90) with no GPU present.
 
 Tolerances: both sides compute in fp32 from the same (fp32, fp16 or bf16) inputs, so they differ
 only by summation order: 2e-6 absolute on probabilities and transitions for every dtype (checked
-also relative to the largest value); gathers are bit-exact; selected indices identical.
+also relative to the largest value); gathers are bit-exact; selected indices identical. ToMe's
+matching runs on the fp32 metric (1e-6 on similarities, partners identical); its merge rounds once
+to the output dtype (relative to the largest value: 2e-6 fp32, 1e-3 fp16, 8e-3 bf16).
 """
 from __future__ import annotations
 
