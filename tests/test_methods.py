@@ -612,3 +612,33 @@ def test_every_method_is_registered_with_a_source_and_schema():
         info = get_method(name)
         assert info.source and info.summary and info.params_schema["type"] == "object"
         assert set(info.defaults) <= set(info.params_schema.get("properties", {}))
+
+
+def test_vision_attention_methods_find_a_dinov2_towers_layers(tmp_path):
+    """LLaVA with a DINOv2 tower (`encoder.layer.N`, not CLIP's `encoder.layers.N`): FasterVLM
+    reads the feature layer's [CLS] row and keeps what a direct computation keeps."""
+    from prunec.adapters.base import ExampleShape
+    from prunec.models import BUILTIN_CONFIGS
+    from prunec.viz import record_selections
+
+    config = dict(BUILTIN_CONFIGS["tiny-llava"])
+    config["vision_config"] = dict(model_type="dinov2", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=2, image_size=28, patch_size=7)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("prunec: 1\nname: dinov2-llava\nmodel: {config: config.json}\ninputs: {batch: 2, seq_len: 40}\n"
+                    "pipeline:\n  - {site: projector.output, method: fastervlm, keep: {count: 6}}\n")
+    plan = prunec.plan(spec)
+    module = prunec.load(prunec.build(spec, tmp_path / "out"))
+    inputs = plan.adapter.example_inputs(ExampleShape(2, 40, None), 0)
+    (kept,) = record_selections(module, inputs)
+    hf = _hf(plan)
+    hf.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = hf.model.vision_tower(inputs[2], output_attentions=True).attentions
+    cls_row = attentions[plan.adapter.vision_feature_layer()][:, :, 0, 1:].mean(dim=1)  # heads, patches
+    n_image = plan.adapter.image_tokens_per_image()
+    for b in range(2):
+        start = int((inputs[0][b] == plan.adapter.config.image_token_id).nonzero()[0])
+        patches = [i - start for i in kept[b].tolist() if start <= i < start + n_image]
+        assert patches == sorted(slow_topk(cls_row[b].tolist(), 6))

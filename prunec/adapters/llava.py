@@ -147,7 +147,8 @@ class LlavaAdapter(Adapter):
         if len(sdpa) != n_layers:
             raise ValueError(f"expected one scaled_dot_product_attention call per vision layer ({n_layers}), found "
                              f"{len(sdpa)}; the vision tower must use attn_implementation sdpa")
-        if not 0 <= layer < n_layers or f".layers.{layer}." not in module_path(sdpa[layer]) + ".":
+        path = module_path(sdpa[layer]) + "." if 0 <= layer < n_layers else ""
+        if not any(f".{name}.{layer}." in path for name in ("layers", "layer")):  # CLIP: layers, DINOv2: layer
             raise ValueError(f"vision layer {layer} has no attention in the captured graph (layers 0..{n_layers - 1})")
         return sdpa[layer], int(self.config.vision_feature_select_strategy == "default")
 
