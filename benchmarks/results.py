@@ -63,7 +63,8 @@ def render(records: list[dict], meta: dict) -> str:
              "Columns: *keep* is the `--keep` target (share of candidate tokens the last stage keeps); *kept* is "
              "candidates per row after the last stage; *layer avg* is candidates per layer averaged over the pruned "
              "model's layers (the in-LLM papers' \"keep N\"); *FLOPs* is prunec's exact prefill count (vision tower "
-             "and scoring included) as a share of the unpruned model's.", ""]
+             "and scoring included) as a share of the unpruned model's. A multi-stage in-LLM schedule reaches its *kept* count "
+             "only at its last stage, so compare methods at equal *layer avg* or *FLOPs*, not at equal *keep*.", ""]
     lines += _training_summary()
     for task in RUNS:
         rows = [r for r in records if r["task"] == task]
@@ -71,12 +72,14 @@ def render(records: list[dict], meta: dict) -> str:
             continue
         t = get_task(task)
         second = SECONDARY[task]
+        measured = next((r for r in rows if "error" not in r), None)
+        metric = measured["metric"] if measured else "metric"
         lines += [f"## {task}", "", t.summary + ".", "",
-                  f"| spec | keep | kept | layer avg | FLOPs | {rows[0]['metric']} unpruned | pruned | retained | "
+                  f"| spec | keep | kept | layer avg | FLOPs | {metric} unpruned | pruned | retained | "
                   f"{second} unpruned | pruned |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if "error" in r:
-                lines.append(f"| {r['spec']} | {r['keep']} | not run: {r['error']} |||||||||")
+                lines.append(f"| {r['spec']} | {r['keep']:.0%} | not run: {r['error']} |||||||")
                 continue
             lines.append(
                 f"| {r['spec']} | {r['keep']:.0%} | {r['kept']}/{r['candidates']} | {r['layer_average']:g} | "
@@ -123,11 +126,12 @@ def main() -> None:
                 try:
                     result = evaluate(ROOT / spec, task, limit=args.limit, keep=keep, cache=cache).as_dict()
                 except Exception as exc:  # recorded as not run, with the reason, and the run goes on
-                    result = {"task": task, "keep": keep, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+                    reason = str(exc).splitlines()[0].replace(f"{ROOT}/", "")
+                    result = {"task": task, "keep": keep, "error": f"{type(exc).__name__}: {reason[:240]}"}
                 result["spec"] = spec
                 # merge with what other runs recorded meanwhile (tasks may run in separate processes)
                 on_disk = json.loads(args.json.read_text())["records"] if args.json.is_file() else []
-                mine = {(r["task"], r["spec"], r["keep"]): r for r in on_disk + records}
+                mine = {(r["task"], r["spec"], r["keep"]): r for r in on_disk}  # disk wins: others may have rerun
                 mine[(task, spec, keep)] = result
                 records = list(mine.values())
                 order = {(t, s): i for i, (t, s) in enumerate((t, s) for t in RUNS for s in RUNS[t])}
