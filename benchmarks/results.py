@@ -26,11 +26,14 @@ RUNS = {
     "digits-vqa": ["specs/fastv.yaml", "specs/divprune.yaml", "specs/fastervlm.yaml", "specs/visionzip.yaml",
                    "specs/holov.yaml", "specs/digits-vlm/pyramiddrop.yaml", "specs/digits-vlm/sparsevlm.yaml",
                    "specs/digits-vlm/transprune-high.yaml", "specs/vtc-cls.yaml", "specs/hiprune.yaml",
-                   "specs/fopru.yaml", "specs/aim.yaml", "specs/todre.yaml"],
+                   "specs/fopru.yaml", "specs/aim.yaml", "specs/digits-vlm/todre.yaml", "specs/digits-vlm/vflowopt.yaml"],
     "dinov2-probe": ["specs/tome.yaml", "specs/zero-tprune.yaml", "specs/flowcut.yaml"],
     "smollm2-text": ["specs/fastv.yaml", "specs/lazyllm.yaml", "specs/spatten.yaml", "specs/a2sf.yaml"],
+    "minilm-sim": [f"specs/minilm/{name}.yaml" for name in ("fastervlm", "vtc-cls", "divprune", "spatten", "flowcut",
+                                                             "zero-tprune")],
 }
-SECONDARY = {"digits-vqa": "agreement", "dinov2-probe": "lfw_accuracy", "smollm2-text": "perplexity"}
+SECONDARY = {"digits-vqa": "agreement", "dinov2-probe": "lfw_accuracy", "smollm2-text": "perplexity",
+             "minilm-sim": "polarity_accuracy"}
 
 
 def _training_summary() -> list[str]:

@@ -123,8 +123,7 @@ def run_bench(plan: Plan, artifact: Path, build_seconds: float | None, rounds: i
         plan.lock["inputs"]["batch"], plan.lock["inputs"].get("seq_len"), plan.lock["inputs"].get("image_size")),
         plan.lock["inputs"]["seed"])
     model = load_model(plan.lock["model"], plan.spec.base_dir)
-    last_logits = plan.lock.get("output", {}).get("logits") == "last"
-    unpruned = plan.adapter.wrap(model, last_logits=last_logits).eval()
+    unpruned = plan.adapter.wrap(model, plan.lock.get("output")).eval()
     ways: dict[str, Callable] = {"unpruned": unpruned, "prunec": load(artifact)}
     eager_reason = unsupported_reason(plan) if eager else "not requested (--no-eager)"
     if eager_reason is None:

@@ -24,8 +24,8 @@ class Captured:
 
 
 def capture(model: torch.nn.Module, adapter: Adapter, shape: ExampleShape, seed: int,
-            min_tokens: int = 2, last_logits: bool = False) -> Captured:
-    wrapper = adapter.wrap(model, last_logits=last_logits).eval()
+            min_tokens: int = 2, output: dict | None = None) -> Captured:
+    wrapper = adapter.wrap(model, output).eval()
     inputs = adapter.example_inputs(shape, seed)
     dynamic = adapter.dynamic_shapes(min_tokens)
     try:

@@ -51,7 +51,7 @@ def compile_plan(plan: Plan, model: torch.nn.Module, on_step: Callable[[str], No
     step("capture")
     start = time.perf_counter()
     captured = capture(model, plan.adapter, example_shape(plan), plan.lock["inputs"]["seed"],
-                       min_tokens=min_tokens(plan), last_logits=plan.lock.get("output", {}).get("logits") == "last")
+                       min_tokens=min_tokens(plan), output=plan.lock.get("output"))
     timings["capture"] = time.perf_counter() - start
     ctx = CompileContext(plan, plan.adapter, captured.example_inputs, captured.dynamic_shapes)
     gm = captured.graph_module

@@ -36,7 +36,7 @@ def stage_table(plan: Plan) -> str:
         layers.append([s.domain, f"{s.first_layer}-{s.last_layer}", str(s.tokens), f"{share:6.1%}"])
     text.append(_table(layers))
     text.append(flow_chart(plan))
-    if plan.stages and plan.adapter.span:
+    if plan.stages:
         averages = ", ".join(f"{domain} {value:g}" for domain, value in flops["layer_average_candidates"].items())
         text.append(f"{plan.adapter.span} tokens per layer, averaged over the layers (the layer-averaged "
                     f"budget in-LLM papers report): {averages}; per-stage counts in the table above")
@@ -66,7 +66,7 @@ def flow_chart(plan: Plan, width: int = 40) -> str:
     layers = layer_tokens(plan)
     most = max(total for total, _ in layers)
     domain = next(iter(plan.adapter.domains()))
-    lines = [f"token flow per {domain} layer ('#' {plan.adapter.span or 'candidate'} tokens, '.' other tokens):"]
+    lines = [f"token flow per {domain} layer ('#' {plan.adapter.span} tokens, '.' other tokens):"]
     for i, (total, candidates) in enumerate(layers):
         bar_total = round(width * total / most)
         bar_cand = round(width * candidates / most)

@@ -57,7 +57,7 @@ def domain_input(plan: Plan, name: str) -> tuple[int, int]:
     inputs, adapter = plan.lock["inputs"], plan.adapter
     stages = [s for s in plan.stages if s.domain == name]
     protect = stages[0].protect if stages else adapter.protectable
-    candidates = adapter.initial_candidates_from_config(inputs, protect) if adapter.span else 0
+    candidates = adapter.initial_candidates_from_config(inputs, protect)
     return adapter.tokens_at_input(name, inputs), candidates
 
 

@@ -84,9 +84,21 @@ def spec_schema() -> dict[str, Any]:
                     "logits": {"enum": ["all", "last"],
                                "description": "causal LMs: logits for every kept token (all, default) or only "
                                               "the last one, as generation needs (last)"},
+                    "pooling": {"enum": ["none", "mean", "cls"],
+                                "description": "encoders: per-token hidden states (none, default), their mean "
+                                               "over the kept real tokens (mean), or the [CLS] vector (cls)"},
                 },
             },
             "backend": {"enum": ["auto", "torch", "triton"]},
+            "budget": {
+                "description": "scale every stage's budget by one factor so the pruned domain keeps this many "
+                               "candidates per layer on average (the in-LLM papers' \"keep N\"); the written "
+                               "budgets give the schedule's shape",
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["layer_average"],
+                "properties": {"layer_average": {"type": "number", "exclusiveMinimum": 0}},
+            },
             "decode": {
                 "description": "causal LMs: also emit prefill + decode-step programs for generation",
                 "type": "object",

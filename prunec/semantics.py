@@ -50,6 +50,10 @@ def resolve(spec: Spec) -> Plan:
     if spec.data.get("output", {}).get("logits") == "last" and not adapter.generates:
         raise SpecError(f"output.logits: last applies to causal LMs; family {adapter.family} returns hidden states",
                         spec.locate("/output/logits"))
+    pooling = spec.data.get("output", {}).get("pooling", "none")
+    if pooling != "none" and pooling not in adapter.poolings:
+        raise SpecError(f"output.pooling: family {adapter.family} offers "
+                        f"{', '.join(adapter.poolings) or 'no pooling'}, not {pooling}", spec.locate("/output/pooling"))
     if "decode" in spec.data:
         if not adapter.generates:
             raise SpecError(f"decode applies to causal LMs; family {adapter.family} does not generate",
@@ -58,6 +62,8 @@ def resolve(spec: Spec) -> Plan:
             raise SpecError("decode policy 'dynamic' (re-selection during decoding, with revival) is not "
                             "implemented yet; use static", spec.locate("/decode/policy"))
     stages = _resolve_stages(spec, adapter, model_src, inputs)
+    if "budget" in spec.data:
+        stages = _fit_budget(spec, adapter, inputs, stages)
     if spec.data.get("backend") == "triton":
         _check_kernels(spec, stages)
     return Plan(spec, adapter, stages, _lock(spec.data, model_src, inputs, list(stages), spec))
@@ -72,6 +78,44 @@ def _check_tome_budget(spec: Spec, ptr: str, kind: str, adapter, protect, availa
         raise SpecError(f"tome merges at most {n_a} of {available} tokens in one stage (one per A token of the "
                         f"bipartite split), asked to merge {available - n_keep}; spread the reduction over more "
                         "layers", spec.locate(f"{ptr}/keep/{kind}"))
+
+
+def _check_vflowopt_budget(spec: Spec, ptr: str, kind: str, params: dict, available: int, n_keep: int) -> None:
+    """VFlowOpt recycles into one carrier per grid cell: a square grid, and at least one token per cell."""
+    side = math.isqrt(available)
+    if side * side != available:
+        raise SpecError(f"vflowopt recycles over a square patch grid; {available} candidates are not one",
+                        spec.locate(f"{ptr}/site"))
+    cells = math.ceil(side / params["cell"]) ** 2
+    if n_keep < cells:
+        raise SpecError(f"vflowopt keeps one token per grid cell at least: {cells} cells of {params['cell']:g} patches "
+                        f"on a {side} x {side} grid, budget {n_keep}", spec.locate(f"{ptr}/keep/{kind}"))
+
+
+def _fit_budget(spec: Spec, adapter, inputs: dict, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+    """The stages rescaled to `budget.layer_average` (prunec/budget.py)."""
+    from . import flops
+    from .budget import achievable, fit_layer_average
+
+    target, ptr = spec.data["budget"]["layer_average"], "/budget/layer_average"
+    domains = sorted({s.domain for s in stages})
+    if len(domains) != 1:
+        raise SpecError("a layer-averaged budget needs stages in exactly one domain; this pipeline prunes "
+                        f"{', '.join(domains) or 'nothing'}", spec.locate(ptr))
+
+    def average(candidate: tuple[Stage, ...]) -> float:
+        return flops.layer_average_candidates(Plan(spec, adapter, candidate, {"inputs": inputs}))[domains[0]]
+
+    low, high = achievable(stages, average)
+    if not low <= target <= high:
+        raise SpecError(f"expected a layer average in {low:g}..{high:g} ({domains[0]} candidates per layer this "
+                        f"schedule can keep), got {target:g}", spec.locate(ptr))
+    fitted = fit_layer_average(stages, target, average)
+    for written, stage in zip(stages, fitted):
+        if stage.method == "tome":
+            _check_tome_budget(spec, stage.pointer, written.keep_spec[0], adapter, stage.protect, stage.n_candidates,
+                               stage.n_keep)
+    return fitted
 
 
 def _check_kernels(spec: Spec, stages) -> None:
@@ -128,9 +172,6 @@ def _check_entry(spec: Spec, adapter, raw: dict, ptr: str):
     """A pipeline entry's method, action, parameters (defaults filled) and protected spans."""
     from .methods import get_method
 
-    if adapter.span is None:
-        raise SpecError(f"family {adapter.family!r} has no prunable token span yet (text-token "
-                        "pruning is not implemented); use an empty pipeline", spec.locate(ptr))
     info = get_method(raw["method"])
     action = raw.get("action", info.action)
     if action != info.action:
@@ -234,6 +275,8 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
                                 spec.locate(f"{ptr}/keep/{kind}"))
             if info.name == "tome":
                 _check_tome_budget(spec, ptr, kind, adapter, protect, available, n_keep)
+            if info.name == "vflowopt":
+                _check_vflowopt_budget(spec, ptr, kind, params, available, n_keep)
             key = (_DOMAIN_ORDER.get(domain, 1), rank)
             if previous and key <= previous[0]:
                 raise SpecError(f"site {site} does not come after {previous[1]}; stages must follow the "

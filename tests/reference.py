@@ -266,6 +266,39 @@ def slow_visionzip(features: torch.Tensor, cls: list[float], keys: torch.Tensor,
     return kept, [values[j] for j in kept]
 
 
+def slow_vflowopt(features: torch.Tensor, probs: torch.Tensor, n_keep: int, threshold: float, cell: float):
+    """VFlowOpt from its description, one image: probs [H, S, S] of the scoring vision layer, the
+    last N keys the patches (raster order, square grid). A = head mean; r_j = mean_i A_ij; G = {i :
+    r_i > t mean(r)} (all rows if none); I_j = mean_{i in G} A_ij. C = ceil(side / a)^2 cells; the
+    top n_keep - C patches by I (ties: lower index) stay; each cell's other patches merge, weighted
+    by I, into its highest-I one; cells with nothing pruned are made up by the highest-I pruned
+    non-carriers, kept as themselves. Returns (kept local indices, their values)."""
+    seq, n = probs.shape[-1], features.shape[0]
+    lead, heads = seq - n, probs.shape[0]
+    a = [[sum(float(probs[h, i, j]) for h in range(heads)) / heads for j in range(seq)] for i in range(seq)]
+    r = [sum(a[i][j] for i in range(seq)) / seq for j in range(seq)]
+    group = [i for i in range(seq) if r[i] > threshold * sum(r) / seq] or list(range(seq))
+    imp = [sum(a[i][lead + j] for i in group) / len(group) for j in range(n)]
+    side = math.isqrt(n)
+    per_side = math.ceil(side / cell)
+    cell_of = [math.floor((j // side) / cell) * per_side + math.floor((j % side) / cell) for j in range(n)]
+    n_cells = per_side * per_side
+    ranked = sorted(range(n), key=lambda j: (-imp[j], j))
+    direct, pruned = ranked[:n_keep - n_cells], ranked[n_keep - n_cells:]
+    groups: dict[int, list[int]] = {}
+    for p in pruned:
+        groups.setdefault(cell_of[p], []).append(p)
+    spare = sorted((p for members in groups.values() for p in members[1:]), key=lambda p: (-imp[p], p))
+    extra = spare[:n_cells - len(groups)]
+    out = {p: features[p].double() for p in direct + extra}
+    for members in groups.values():
+        members = [p for p in members if p not in extra]
+        total = sum(imp[p] for p in members)
+        out[members[0]] = sum((imp[p] / total) * features[p].double() for p in members)
+    kept = sorted(out)
+    return kept, [out[p] for p in kept]
+
+
 def slow_holov(features: torch.Tensor, cls: list[float], n_keep: int, crops: int, alpha: float) -> list[int]:
     """HoloV (official code) from its description, one row: equal contiguous crops; per crop,
     similarity S_ij = cos(i, j) off the diagonal (0 on it), mu_i = sum_j S_ij / (M - 1),
@@ -412,9 +445,13 @@ class HookReference:
             keep, locals_per_row = [], []
             for b, cands in enumerate(state["cands"]):
                 lead = state.get("lead", 0)
-                if stage["kind"] in ("aim_merge", "visionzip"):
+                if stage["kind"] in ("aim_merge", "visionzip", "vflowopt"):
                     if stage["kind"] == "aim_merge":
                         kept, values = slow_aim_merge(embeds[b, cands], stage["n_keep"])
+                    elif stage["kind"] == "vflowopt":
+                        probs = state["vision"][stage.get("vision_layer", state["feature"])][b]
+                        kept, values = slow_vflowopt(embeds[b, cands], probs, stage["n_keep"], stage["threshold"],
+                                                     stage["cell"])
                     else:
                         feature = state["vision"][state["feature"]]
                         cls = feature[b, :, 0].sum(dim=0)[lead:].tolist()
@@ -934,3 +971,67 @@ class VisionStagesReference:
         finally:
             for h in handles:
                 h.remove()
+
+
+class EncoderStagesReference:
+    """HF BERT (eager attention) with cuts after encoder layers: each keeps the first `leading`
+    tokens ([CLS] when protected) and the candidates `stage["pick"](probs, hidden, real, b)` names
+    (candidate-local indices; probs: every layer's [B, H, S, S] attention so far, real: [B, S] bool
+    of the current tokens). Later layers get the attention mask gathered on its token axes; the
+    output is pooled as the wrapper says ('mean': over the kept real tokens)."""
+
+    def __init__(self, model, stages: list[dict], leading: int, pooling: str):
+        model.set_attn_implementation("eager")
+        self.model, self.stages, self.leading, self.pooling = model, stages, leading, pooling
+
+    @torch.no_grad()
+    def __call__(self, input_ids, attention_mask):
+        seq = input_ids.shape[1]
+        probs, state = {}, {"kept": [list(range(seq)) for _ in range(input_ids.shape[0])]}
+        layers = self.model.encoder.layer
+
+        def real():
+            return _gather_rows(attention_mask.bool(), state["kept"], 1)
+
+        def keep_probs(index):
+            def hook(module, args, output):
+                probs[index] = output[1]
+            return hook
+
+        def cut(stage):
+            def hook(module, args, output):
+                keep, now = [], real()
+                for b in range(output.shape[0]):
+                    cands = list(range(self.leading, output.shape[1]))
+                    local = stage["pick"](probs, output, now, b)
+                    keep.append(keep_list(cands, [cands[i] for i in local], output.shape[1]))
+                state["kept"] = [[state["kept"][b][p] for p in row] for b, row in enumerate(keep)]
+                return _gather_rows(output, keep, 1)
+            return hook
+
+        def gather_mask(module, args):  # the layer's mask, on the tokens kept so far
+            mask = args[1]
+            if mask is None:  # HF skips the mask when nothing is padded
+                return None
+            for dim in range(2, mask.ndim):
+                if mask.shape[dim] == seq:
+                    mask = _gather_rows(mask, state["kept"], dim)
+            return (args[0], mask, *args[2:])
+
+        handles = []
+        try:
+            for index, layer in enumerate(layers):
+                handles.append(layer.attention.register_forward_hook(keep_probs(index)))
+                handles.append(layer.register_forward_pre_hook(gather_mask))
+            for stage in self.stages:
+                handles.append(layers[stage["layer"]].register_forward_hook(cut(stage)))
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        finally:
+            for h in handles:
+                h.remove()
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "mean":
+            rows = [hidden[b, real()[b]].mean(dim=0) for b in range(hidden.shape[0])]
+            return torch.stack(rows)
+        return hidden

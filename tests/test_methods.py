@@ -163,11 +163,13 @@ def _qk(batch, heads, kv_heads, seq, seed):
 
 @pytest.mark.parametrize("batch, heads, kv_heads, seq", [(1, 2, 2, 9), (3, 4, 2, 14)])
 def test_llm_attention_map_scores_match_their_formulas(batch, heads, kv_heads, seq):
-    """SpAtten, AIM, A2SF, LazyLLM on a causal, left-padded batch, against loop-built probabilities."""
+    """SpAtten, AIM, Zero-TPrune, A2SF, LazyLLM on a causal, left-padded batch, against loop-built
+    probabilities."""
     from prunec.methods.a2sf import forgetting_attention
     from prunec.methods.aim import sharpened_pagerank
     from prunec.methods.fastv import attention_received
     from prunec.methods.spatten import cumulative_attention
+    from prunec.methods.zero_tprune import weighted_pagerank
     from reference import slow_a2sf, slow_pagerank, slow_spatten_layer
 
     q, k = _qk(batch, heads, kv_heads, seq, seq)
@@ -185,6 +187,9 @@ def test_llm_attention_map_scores_match_their_formulas(batch, heads, kv_heads, s
         "aim": (sharpened_pagerank(*args, temperature=tau, iterations=iterations),
                 [slow_pagerank(sharp[b], [1.0 / (seq - pads[b]) * float(v) for v in valid[b]], iterations)
                  for b in range(batch)]),
+        "zero_tprune": (weighted_pagerank(*args, iterations=iterations),
+                        [slow_pagerank(probs[b], [1.0 / (seq - pads[b]) * float(v) for v in valid[b]], iterations)
+                         for b in range(batch)]),
         "a2sf": (forgetting_attention(*args, candidates=candidates, forgetting=0.8, recent=3),
                  [slow_a2sf(probs[b], valid[b].tolist(), 0.8, 3, candidates[b].nonzero().flatten().tolist())
                   for b in range(batch)]),
@@ -281,6 +286,28 @@ def test_aim_merge_matches_its_description(batch, n, dim, n_keep):
     index, merged = bipartite_mean_merge(features, n_keep)
     for b in range(batch):
         kept, values = slow_aim_merge(features[b], n_keep)
+        assert index[b].tolist() == kept
+        torch.testing.assert_close(merged[b].double(), torch.stack(values), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("batch, side, cell, n_keep, threshold", [
+    (1, 4, 2, 6, 1.2),       # 2 x 2 cells, a non-empty G
+    (2, 5, 2, 12, 1.1),      # 3 x 3 cells, the last row and column of cells narrower
+    (2, 6, 4.5, 5, 39.26),   # 2 x 2 cells, the released t: G empty, every query counts
+    (3, 4, 1.5, 14, 1.0),    # 9 cells of 1-4 patches: some keep all theirs directly, so the top-up decides
+])
+def test_vflowopt_matches_its_description(batch, side, cell, n_keep, threshold):
+    from prunec.methods.vflowopt import recycle
+    from reference import slow_vflowopt
+
+    n = side * side
+    n_keep = min(n_keep, n)
+    q, k = _qk(batch, 2, 2, n + 1, seed=side + n_keep)
+    features = torch.randn(batch, n, 5, generator=torch.Generator().manual_seed(side))
+    index, merged = recycle(features, n_keep, [q], [k], [None], [0.4], False, threshold=threshold, cell=cell)
+    probs = _slow_probs(q, k, 0.4, lambda b, i, j: True)
+    for b in range(batch):
+        kept, values = slow_vflowopt(features[b], probs[b], n_keep, threshold, cell)
         assert index[b].tolist() == kept
         torch.testing.assert_close(merged[b].double(), torch.stack(values), atol=1e-6, rtol=0)
 

@@ -86,7 +86,14 @@ CASES = [
      12, "expected one of: last, all"),
     ("protect-cls-on-llava", {"s.yaml": variant(replace={11: "    keep: {ratio: 0.5}\n    protect: [cls]"})}, 12,
      "cannot protect 'cls'"),
-    ("no-span-family", {"s.yaml": variant(replace={4: "  builtin: tiny-bert"})}, 9, "no prunable token span"),
+    ("vflowopt-budget-under-its-cells", {"s.yaml": variant(replace={
+        9: "  - site: projector.output", 10: "    method: vflowopt\n    action: merge\n    params: {cell: 2}",
+        11: "    keep: {count: 3}"})}, 13, "vflowopt keeps one token per grid cell at least: 4 cells"),
+    ("pooling-on-a-vlm", {"s.yaml": variant(append="output: {pooling: mean}\n")}, 12,
+     "family llava offers no pooling, not mean"),
+    ("tome-in-a-text-encoder", {"s.yaml": variant(replace={4: "  builtin: tiny-bert", 9: "  - site: encoder.layers[1]",
+                                                           10: "    method: tome"})}, 9,
+     "method tome works in vision sites, not encoder"),
     ("tome-merges-more-than-its-a-tokens", {"s.yaml": "prunec: 1\nname: t\nmodel: {builtin: tiny-vit}\npipeline:\n"
                                             "  - {site: 'vision.layers[1]', method: tome, keep: {count: 7}}\n"}, 5,
      "tome merges at most 8 of 16 tokens in one stage"),

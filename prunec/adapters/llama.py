@@ -12,7 +12,7 @@ import torch
 import prunec.ops  # noqa: F401  (torch.ops.prunec.prefix_mask)
 
 from . import register_adapter
-from .base import LLAMA_SUB_BLOCKS, Domain, TextAdapter, llama_attention_dims
+from .base import LLAMA_SUB_BLOCKS, Domain, TextAdapter, last_logits, llama_attention_dims
 
 
 class _CausalLM(torch.nn.Module):
@@ -53,5 +53,5 @@ class LlamaAdapter(TextAdapter):
     def attention_dims(self, domain):
         return llama_attention_dims(self.config)
 
-    def wrap(self, model, last_logits: bool = False):
-        return _CausalLM(model, last_logits)
+    def wrap(self, model, output=None):
+        return _CausalLM(model, last_logits(output))

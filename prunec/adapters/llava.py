@@ -13,8 +13,8 @@ from torch.export import Dim
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import register_adapter
-from .base import (LLAMA_SUB_BLOCKS, Adapter, Domain, ExampleShape, batch_dim, llama_attention_dims, module_path,
-                   random_token_ids)
+from .base import (LLAMA_SUB_BLOCKS, Adapter, Domain, ExampleShape, batch_dim, last_logits,
+                   llama_attention_dims, module_path, random_token_ids)
 
 _LLM = "hf.model.language_model"
 _PROJECTOR = "hf.model.multi_modal_projector"
@@ -80,8 +80,8 @@ class LlavaAdapter(Adapter):
         projector = image_tokens * (d * text.hidden_size + text.hidden_size * text.hidden_size)
         return {"vision tower": tower, "projector": projector}
 
-    def wrap(self, model, last_logits: bool = False):
-        return _Llava(model, last_logits)
+    def wrap(self, model, output=None):
+        return _Llava(model, last_logits(output))
 
     def input_names(self):
         return ("input_ids", "attention_mask", "pixel_values")

@@ -42,7 +42,7 @@ class _VisionAdapter(Adapter):
     def tokens_at_input(self, domain, inputs):
         return (inputs["image_size"] // self.config.patch_size) ** 2 + self.leading_tokens()
 
-    def wrap(self, model, last_logits=False):
+    def wrap(self, model, output=None):
         return _VisionEncoder(model, self.interpolate)
 
     def input_names(self):

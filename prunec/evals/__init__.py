@@ -29,7 +29,7 @@ class Task:
     name: str
     zoo: str
     summary: str
-    last_logits = False   # causal families: only the last position's logits
+    output: dict = {}     # the spec's `output:` the task needs (e.g. only the last position's logits)
 
     def capture_inputs(self, model_dir: Path) -> dict:
         """The spec's `inputs:` block for this task's batches."""
@@ -59,7 +59,7 @@ def register_task(cls):
 
 
 def get_task(name: str) -> Task:
-    from . import digits_vqa, dinov2_probe, smollm2_text  # noqa: F401  (registration)
+    from . import digits_vqa, dinov2_probe, minilm_sim, smollm2_text  # noqa: F401  (registration)
 
     if name not in TASKS:
         raise PrunecError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
@@ -105,15 +105,15 @@ def task_spec(spec_data: dict, task: Task, model_dir: Path) -> dict:
     data = {k: v for k, v in spec_data.items() if k not in ("extends", "decode", "output", "inputs", "model")}
     data["model"] = {"zoo": task.zoo}
     data["inputs"] = task.capture_inputs(model_dir)
-    if task.last_logits:
-        data["output"] = {"logits": "last"}
+    if task.output:
+        data["output"] = dict(task.output)
     return data
 
 
 def rescale(data: dict, plan, keep: float) -> dict:
     """Every stage's budget scaled by one factor so the last stage that keeps candidates keeps `keep`
     of those the first stage saw (rounded; at least 1). Stages that drop every candidate stay so.
-    Budgets become counts."""
+    Budgets become counts (a `budget: {layer_average}` target gives way to them)."""
     stages = list(plan.stages)
     if not stages:
         return data
@@ -129,6 +129,7 @@ def rescale(data: dict, plan, keep: float) -> dict:
         counts.setdefault(stage.pointer, []).append(count)
         previous = count if stage.n_keep else previous
     data = yaml.safe_load(yaml.safe_dump(data))
+    data.pop("budget", None)
     pipeline = data["pipeline"]
     for pointer, values in counts.items():
         entry = pipeline[int(pointer.rsplit("/", 1)[1])]
@@ -196,7 +197,7 @@ def evaluate(spec_path: str | Path, task_name: str, limit: int | None = None, ke
         def reference_module():
             nonlocal hf
             if hf is None:
-                hf = plan.adapter.wrap(load_model(plan.lock["model"], plan.spec.base_dir), last_logits=task.last_logits)
+                hf = plan.adapter.wrap(load_model(plan.lock["model"], plan.spec.base_dir), task.output)
             return hf
 
         start = time.perf_counter()
@@ -212,7 +213,7 @@ def evaluate(spec_path: str | Path, task_name: str, limit: int | None = None, ke
     labels = [labels for _, labels in batches]
     stages = plan.stages
     candidates = stages[0].n_candidates if stages else plan.adapter.initial_candidates_from_config(
-        plan.lock["inputs"], ())
+        plan.lock["inputs"], plan.adapter.protectable)  # a stage's default protection
     estimate = flops.estimate(plan)
     return EvalResult(
         spec=str(spec_path), task=task.name, examples=examples,

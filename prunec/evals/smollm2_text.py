@@ -37,7 +37,7 @@ class SmolLM2Text(Task):
     name = "smollm2-text"
     zoo = "smollm2-135m"
     summary = "SmolLM2-135M next token after 128-token windows of news text: agreement and perplexity"
-    last_logits = True
+    output = {"logits": "last"}
 
     def capture_inputs(self, model_dir):
         return {"batch": 2, "seq_len": WINDOW}

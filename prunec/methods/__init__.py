@@ -38,7 +38,7 @@ class MethodInfo:
     fn: Callable[..., Any]
     params_schema: dict[str, Any]    # JSON Schema of the `params:` mapping
     default_positions: str           # "keep_original" | "renumber"
-    domains: tuple[str, ...] = ("llm", "vision")
+    domains: tuple[str, ...] = ("llm", "vision", "encoder")
     layer_sites_only: bool = False   # needs a layer's attention, so only `<domain>.layers[i]` sites
     layer_domains: tuple[str, ...] | None = None  # domains whose layer sites work (default: domains)
     summary: str = ""
@@ -109,4 +109,5 @@ def stage_signals(method: str, params: dict[str, Any]) -> set[str]:
 
 
 from . import (a2sf, aim, aim_merge, divprune, fastervlm, fastv, flowcut, fopru, fuse, hiprune, holov,  # noqa: E402,F401
-               lazyllm, pyramiddrop, sparsevlm, spatten, todre, tome, transprune, visionzip, vtc_cls, zero_tprune)  # registration
+               lazyllm, pyramiddrop, sparsevlm, spatten, todre, tome, transprune, vflowopt, visionzip, vtc_cls,
+               zero_tprune)  # registration

@@ -29,8 +29,8 @@ register_method(MethodInfo(
     fn=cls_attention,
     params_schema={"type": "object", "additionalProperties": False, "properties": {}},
     default_positions="renumber",
-    domains=("llm", "vision"),
-    layer_domains=("vision",),  # an LLM layer has no [CLS] row; "llm" here means its pre-LLM site
+    domains=("llm", "vision", "encoder"),
+    layer_domains=("vision", "encoder"),  # an LLM layer has no [CLS] row; "llm" here means its pre-LLM site
     summary="[CLS] attention of the vision feature layer (head mean); top-k of image tokens",
     source="Theia-4869/FasterVLM llava/model/multimodal_encoder/clip_encoder.py::feature_select",
 ))

@@ -49,7 +49,7 @@ register_method(MethodInfo(
                                            "description": "first scored layer (0-indexed); official: layer 1"}},
     },
     default_positions="keep_original",
-    domains=("vision",),
+    domains=("vision", "encoder"),
     layer_sites_only=True,
     summary="[CLS] relation + value-similarity semantics x value magnitude, EMA over layers (fixed schedule)",
     source="TungChintao/FlowCut flowcut/utils_flowcut.py::compute_score",

@@ -57,7 +57,7 @@ register_method(MethodInfo(
     defaults={"strategy": "rank"},
     default_positions="renumber",
     domains=("llm", "vision"),
-    layer_domains=("vision",),
+    layer_domains=("vision",),  # a patch grid: not text
     summary="vision attention received; global top-k (rank) or whole patch-grid rows (row)",
     source="FoPru paper (arXiv 2411.14164); no official code found",
     variants={"strategy": "rank / row (both paper)"},

@@ -76,7 +76,7 @@ register_method(MethodInfo(
     defaults={"alpha": 0.1},
     default_positions="renumber",
     domains=("llm", "vision"),
-    layer_domains=("vision",),
+    layer_domains=("vision",),  # a patch grid: not text
     summary="anchors by a middle layer's received attention + grid neighbours + registers by the feature layer's",
     source="Danielement321/HiPrune LLaVA/llava/model/llava_arch.py::encode_images",
 ))

@@ -44,7 +44,7 @@ register_method(MethodInfo(
                                            "description": "first layer (0-indexed) whose attention is summed"}},
     },
     default_positions="keep_original",
-    domains=("llm", "vision"),
+    domains=("llm", "vision", "encoder"),
     layer_sites_only=True,
     summary="cascade pruning by attention received, summed over heads, queries and layers",
     source="SpAtten paper §3 (token importance); mit-han-lab/spatten-llm spatten_llm/kv_cache_token_pruning.py",

@@ -72,7 +72,7 @@ register_method(MethodInfo(
     },
     defaults={"proportional_attention": True},
     default_positions="keep_original",
-    domains=("vision",),
+    domains=("vision",),  # not text: padding would merge into words
     layer_sites_only=True,
     summary="bipartite matching on head-mean keys, size-weighted merge, proportional attention after",
     source="facebookresearch/ToMe tome/merge.py::bipartite_soft_matching, merge_wavg",

@@ -40,8 +40,8 @@ register_method(MethodInfo(
                                        "description": "first vision layer summed (0-indexed); official 16 of 24"}},
     },
     default_positions="renumber",
-    domains=("llm", "vision"),
-    layer_domains=("vision",),
+    domains=("llm", "vision", "encoder"),
+    layer_domains=("vision", "encoder"),
     summary="[CLS] attention summed over vision layers start_layer..feature layer; top-k of image tokens",
     source="THU-MIG/VTC-CLS llava/model/multimodal_encoder/clip_encoder.py::cls_token_only",
 ))

@@ -14,20 +14,24 @@ from __future__ import annotations
 import torch
 
 from . import MethodInfo, register_method
-from .attention_maps import attention_probs
+from .attention_maps import attention_probs, query_validity
 
 
 def weighted_pagerank(qs, ks, masks, scales, is_causal: bool, valid, candidates=None, iterations: int = 10,
                       head_variance: list[float] | None = None) -> torch.Tensor:
-    """[B, S] importance: RMS over (kept) heads of each head's PageRank vector after `iterations`."""
+    """[B, S] importance: RMS over (kept) heads of each head's PageRank vector after `iterations`.
+    The walk starts uniform over the real tokens: padding rows hold no importance to pass on."""
     probs = attention_probs(qs[0], ks[0], masks[0], scales[0], is_causal)  # [B, H, S, S]
-    seq = probs.shape[-1]
-    s = torch.full(probs.shape[:3], 1.0 / seq, device=probs.device)  # [B, H, S]
+    rows = query_validity(valid, probs.shape[0], probs.shape[2], probs.device)  # [B, S]
+    real = rows.sum(dim=1, keepdim=True)  # N per row
+    s = (rows / real)[:, None, :].expand(-1, probs.shape[1], -1)  # [B, H, S]
     for _ in range(iterations):
         s = torch.einsum("bhij,bhi->bhj", probs, s)
     keep = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device)
-    if head_variance is not None:
-        variance = (seq * s).var(dim=-1, unbiased=False)
+    if head_variance is not None:  # var(N * s) over the real tokens
+        scaled = real[:, None, :] * s
+        mean = (scaled * rows[:, None]).sum(-1) / real
+        variance = ((scaled - mean[..., None]) ** 2 * rows[:, None]).sum(-1) / real
         keep = (variance >= head_variance[0]) & (variance <= head_variance[1])
         keep = keep | ~keep.any(dim=1, keepdim=True)  # no head passes: use them all
     squares = torch.where(keep[..., None], s * s, 0.0)
@@ -53,7 +57,7 @@ register_method(MethodInfo(
     },
     defaults={"iterations": 10},
     default_positions="keep_original",
-    domains=("vision", "llm"),
+    domains=("vision", "llm", "encoder"),
     layer_sites_only=True,
     summary="weighted PageRank on the site layer's attention graph, heads combined by RMS (I-stage)",
     source="Zero-TPrune paper (CVPR 2024) §3; no official code found",

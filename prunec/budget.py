@@ -1,0 +1,50 @@
+"""Layer-averaged budgets: the "keep 192" of in-LLM papers (SparseVLM, PyramidDrop) as an input.
+
+`budget: {layer_average: N}` takes the stages' written budgets as the schedule's *shape* and scales
+every one of them by a single factor so that the candidate tokens per layer, averaged over the
+pruned domain's layers, come as close to N as whole-token counts allow (ties: the smaller budget).
+Stages that drop every candidate stay so; no stage keeps more than reaches it, or fewer than one.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+from .spec import Stage
+
+
+def scaled(stages: tuple[Stage, ...], factor: float) -> tuple[Stage, ...]:
+    """Every stage's count x factor (rounded half up), chained so each fits what reaches it."""
+    out, reaching = [], stages[0].n_candidates if stages else 0
+    for stage in stages:
+        count = 0 if stage.n_keep == 0 else max(1, min(reaching, int(stage.n_keep * factor + 0.5)))
+        out.append(replace(stage, keep_spec=("count", count), n_candidates=reaching, n_keep=count))
+        reaching = count
+    return tuple(out)
+
+
+def _top(stages: tuple[Stage, ...]) -> float:
+    """A factor at which every stage keeps all that reaches it."""
+    return max(stages[0].n_candidates / s.n_keep for s in stages if s.n_keep) + 1.0
+
+
+def achievable(stages: tuple[Stage, ...], average: Callable[[tuple[Stage, ...]], float]) -> tuple[float, float]:
+    """The lowest and highest layer averages any factor gives."""
+    return average(scaled(stages, 0.0)), average(scaled(stages, _top(stages)))
+
+
+def fit_layer_average(stages: tuple[Stage, ...], target: float,
+                      average: Callable[[tuple[Stage, ...]], float]) -> tuple[Stage, ...]:
+    """The stages scaled to the achievable layer average nearest `target` (within `achievable`).
+    `average` maps stages to their layer average and grows with the factor, so a bisection finds
+    the step where it crosses the target; the nearer of the two sides wins."""
+    lo, hi = 0.0, _top(stages)  # average(lo) < target <= average(hi), unless lo already meets it
+    if average(scaled(stages, lo)) >= target:
+        hi = lo
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if average(scaled(stages, mid)) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return min((scaled(stages, lo), scaled(stages, hi)), key=lambda s: (abs(average(s) - target), average(s)))
