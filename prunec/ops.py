@@ -413,7 +413,18 @@ def select_by_features(method: str, params: str, hidden: torch.Tensor, candidate
     """A registered select method over the candidates' hidden states; keeps every non-candidate."""
     positions = _candidate_positions(candidates, n_candidates)
     features = _candidate_rows(hidden, positions)
-    return _keep_indices(candidates, positions, get_method(method).fn(features, n_keep, **json.loads(params)))
+    info = get_method(method)
+    text = (_paired_text(hidden, candidates),) if info.paired_text else ()
+    return _keep_indices(candidates, positions, info.fn(features, n_keep, *text, **json.loads(params)))
+
+
+def _paired_text(hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """[B, D] mean embedding of the tokens after each row's last candidate (zeros where none): the
+    text an image is paired with (left padding never follows it)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    last = torch.where(candidates, positions, -1).amax(dim=1, keepdim=True)
+    after = (positions[None, :] > last).float()
+    return (hidden.float() * after[..., None]).sum(dim=1) / after.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 @select_by_features.register_fake

@@ -62,6 +62,10 @@ def resolve(spec: Spec) -> Plan:
             raise SpecError("decode policy 'dynamic' (re-selection during decoding, with revival) is not "
                             "implemented yet; use static", spec.locate("/decode/policy"))
     stages = _resolve_stages(spec, adapter, model_src, inputs)
+    unprotected = next((s for s in stages if "cls" not in s.protect), None)
+    if pooling == "cls" and unprotected:
+        raise SpecError("output.pooling: cls returns the [CLS] vector, which this stage may prune; keep `cls` in "
+                        "its protect", spec.locate(f"{unprotected.pointer}/protect"))
     if "budget" in spec.data:
         stages = _fit_budget(spec, adapter, inputs, stages)
     if spec.data.get("backend") == "triton":

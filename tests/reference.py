@@ -266,6 +266,27 @@ def slow_visionzip(features: torch.Tensor, cls: list[float], keys: torch.Tensor,
     return kept, [values[j] for j in kept]
 
 
+def slow_catp(features: torch.Tensor, text: torch.Tensor | None, n_keep: int, alignment: float) -> list[int]:
+    """CATP stage 1 from its formulas, one image: s(x, y) = (cos + 1) / 2; greedily add the token
+    maximizing the gain of F_div(Y) = sum_x max_{y in Y} s(y, x) plus alignment * s(y, t), t the
+    mean of the paired text tokens (no text: no alignment term); gains within 1e-6 (relative) are
+    ties, won by the lower index."""
+    n = features.shape[0]
+    s = [[(_cos(features[i].double(), features[j].double()) + 1) / 2 for j in range(n)] for i in range(n)]
+    align = [0.0] * n if text is None else [(_cos(features[i].double(), text.double().mean(dim=0)) + 1) / 2
+                                            for i in range(n)]
+    chosen: list[int] = []
+    cover = [0.0] * n  # max over chosen y of s(y, x)
+    for _ in range(n_keep):
+        gains = {y: sum(max(0.0, s[y][x] - cover[x]) for x in range(n)) + alignment * align[y]
+                 for y in range(n) if y not in chosen}
+        best = max(gains.values())
+        pick = min(y for y, g in gains.items() if g >= best - 1e-6 * max(1.0, abs(best)))
+        chosen.append(pick)
+        cover = [max(cover[x], s[pick][x]) for x in range(n)]
+    return sorted(chosen)
+
+
 def slow_vflowopt(features: torch.Tensor, probs: torch.Tensor, n_keep: int, threshold: float, cell: float):
     """VFlowOpt from its description, one image: probs [H, S, S] of the scoring vision layer, the
     last N keys the patches (raster order, square grid). A = head mean; r_j = mean_i A_ij; G = {i :
@@ -463,6 +484,10 @@ class HookReference:
                     local = kept
                 elif stage["kind"] == "divprune":
                     local = slow_divprune(embeds[b, cands], stage["n_keep"])
+                elif stage["kind"] == "catp":  # the paired text: the real tokens after the image
+                    text = embeds[b, max(cands) + 1:]
+                    local = slow_catp(embeds[b, cands], text if len(text) else None, stage["n_keep"],
+                                      stage["alignment"])
                 elif stage["kind"] == "todre":
                     first = 0 if stage["pivot"] == "first" else None
                     local = sorted(slow_divprune_order(embeds[b, cands], stage["n_keep"], first))

@@ -100,3 +100,16 @@ def test_padding_goes_first_and_the_pooled_mean_ignores_the_pads_that_survive(bu
         pooled = module(ids, mask)
     torch.testing.assert_close(pooled[2], per_token[2, :11].mean(dim=0), atol=1e-5, rtol=0)
     assert not torch.allclose(pooled[2], per_token[2].mean(dim=0), atol=1e-3)
+
+
+def test_an_unprotected_cls_is_a_candidate_like_any_token(build):
+    """`protect: []`: [CLS] competes with the words (20 candidates here, not 19)."""
+    pipeline = ('\n  - {site: "encoder.layers[1]", method: zero_tprune, params: {iterations: 5}, keep: {count: 10}, '
+                'protect: []}')
+    plan, module, _ = build(_spec("mean", pipeline))
+    assert plan.stages[0].n_candidates == SEQ
+    stages = [dict(s, pick=_pick(s, leading=0)) for s in reference_stages(plan)]
+    reference = EncoderStagesReference(load_model(plan.lock["model"], plan.spec.base_dir), stages, 0, "mean")
+    ids, mask = bert_inputs([0, 4, 9], seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(module(ids, mask), reference(ids, mask), atol=1e-5, rtol=0)

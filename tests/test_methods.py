@@ -290,6 +290,23 @@ def test_aim_merge_matches_its_description(batch, n, dim, n_keep):
         torch.testing.assert_close(merged[b].double(), torch.stack(values), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("batch, n, dim, n_keep, alignment", [(1, 9, 6, 4, 0.7), (3, 16, 8, 7, 0.7), (2, 25, 5, 10, 2.0),
+                                                          (2, 12, 4, 5, 0.0)])
+def test_catp_stage1_matches_its_formulas(batch, n, dim, n_keep, alignment):
+    from prunec.methods.catp import facility_location_keep
+    from reference import slow_catp
+
+    gen = torch.Generator().manual_seed(n + n_keep)
+    features = torch.randn(batch, n, dim, generator=gen)
+    texts = [torch.randn(3 + b, dim, generator=gen) for b in range(batch)]
+    if batch > 1:
+        texts[-1] = None  # a row without text after its image
+    text = torch.stack([t.mean(dim=0) if t is not None else torch.zeros(dim) for t in texts])
+    actual = facility_location_keep(features, n_keep, text, alignment=alignment)
+    for b in range(batch):
+        assert actual[b].tolist() == slow_catp(features[b], texts[b], n_keep, alignment)
+
+
 @pytest.mark.parametrize("batch, side, cell, n_keep, threshold", [
     (1, 4, 2, 6, 1.2),       # 2 x 2 cells, a non-empty G
     (2, 5, 2, 12, 1.1),      # 3 x 3 cells, the last row and column of cells narrower

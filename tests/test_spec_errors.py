@@ -89,6 +89,10 @@ CASES = [
     ("vflowopt-budget-under-its-cells", {"s.yaml": variant(replace={
         9: "  - site: projector.output", 10: "    method: vflowopt\n    action: merge\n    params: {cell: 2}",
         11: "    keep: {count: 3}"})}, 13, "vflowopt keeps one token per grid cell at least: 4 cells"),
+    ("cls-pooling-of-a-prunable-cls", {"s.yaml": variant(replace={
+        4: "  builtin: tiny-bert", 9: "  - site: encoder.layers[1]", 10: "    method: spatten",
+        11: "    keep: {ratio: 0.5}\n    protect: []"}, append="output: {pooling: cls}\n")}, 12,
+     "output.pooling: cls returns the [CLS] vector, which this stage may prune"),
     ("pooling-on-a-vlm", {"s.yaml": variant(append="output: {pooling: mean}\n")}, 12,
      "family llava offers no pooling, not mean"),
     ("tome-in-a-text-encoder", {"s.yaml": variant(replace={4: "  builtin: tiny-bert", 9: "  - site: encoder.layers[1]",

@@ -51,6 +51,7 @@ class MethodInfo:
     accumulates: bool = False        # combines per-layer scores from `accumulate_from`, carried across stages
     reads_values: bool = False       # layer_attention methods that also read the layers' values
     layer_params: tuple[str, ...] = ()  # params that choose layers: the compiler reads them, fn never sees them
+    paired_text: bool = False        # select methods that also take the mean embedding of the text after the image
 
 
 _METHODS: dict[str, MethodInfo] = {}
@@ -108,6 +109,6 @@ def stage_signals(method: str, params: dict[str, Any]) -> set[str]:
     return {s for name, _, _ in terms(method, params) for s in get_method(name).signals}
 
 
-from . import (a2sf, aim, aim_merge, divprune, fastervlm, fastv, flowcut, fopru, fuse, hiprune, holov,  # noqa: E402,F401
-               lazyllm, pyramiddrop, sparsevlm, spatten, todre, tome, transprune, vflowopt, visionzip, vtc_cls,
-               zero_tprune)  # registration
+from . import (a2sf, aim, aim_merge, catp, divprune, fastervlm, fastv, flowcut, fopru, fuse,  # noqa: E402,F401
+               hiprune, holov, lazyllm, pyramiddrop, sparsevlm, spatten, todre, tome, transprune, vflowopt,
+               visionzip, vtc_cls, zero_tprune)  # registration
