@@ -27,9 +27,11 @@ RUNS = {
                    "specs/holov.yaml", "specs/digits-vlm/pyramiddrop.yaml", "specs/digits-vlm/sparsevlm.yaml",
                    "specs/digits-vlm/transprune-high.yaml", "specs/vtc-cls.yaml", "specs/hiprune.yaml",
                    "specs/fopru.yaml", "specs/aim.yaml", "specs/digits-vlm/todre.yaml", "specs/digits-vlm/vflowopt.yaml",
-                   "specs/catp.yaml"],
+                   "specs/catp.yaml", "specs/fastv-paper.yaml", "specs/transprune-ttv.yaml",
+                   "specs/sparsevlm-recycle.yaml"],
     "dinov2-probe": ["specs/tome.yaml", "specs/zero-tprune.yaml", "specs/flowcut.yaml"],
-    "smollm2-text": ["specs/fastv.yaml", "specs/lazyllm.yaml", "specs/spatten.yaml", "specs/a2sf.yaml"],
+    "smollm2-text": ["specs/fastv.yaml", "specs/lazyllm.yaml", "specs/spatten.yaml", "specs/a2sf.yaml",
+                     "specs/fastv-paper.yaml", "specs/pyramiddrop.yaml", "specs/transprune-ttv.yaml"],
     "minilm-sim": [f"specs/minilm/{name}.yaml" for name in ("fastervlm", "vtc-cls", "divprune", "spatten", "flowcut",
                                                              "zero-tprune")],
 }
