@@ -302,11 +302,13 @@ def select_by_attention(method: str, params: str, qs: List[torch.Tensor], ks: Li
                         hidden: Optional[torch.Tensor]) -> torch.Tensor:
     """A registered select method over attention maps (and, given `hidden`, the candidates'
     features): it picks among the last n_candidates keys (the candidates, in order); keeps every
-    non-candidate."""
+    non-candidate; methods with `paired_text` also get the text's mean embedding."""
     positions = _candidate_positions(candidates, n_candidates)
     extra = json.loads(params)
     if hidden is not None:
         extra["features"] = _candidate_rows(hidden, positions)
+        if get_method(method).paired_text:
+            extra["text"] = _paired_text(hidden, candidates)
     local = get_method(method).fn(qs, ks, masks, scales, is_causal, n_candidates, n_keep, **extra)
     return _keep_indices(candidates, positions, local)
 

@@ -287,6 +287,47 @@ def slow_catp(features: torch.Tensor, text: torch.Tensor | None, n_keep: int, al
     return sorted(chosen)
 
 
+def slow_lof(values: list[float], neighbours: int) -> list[float]:
+    """Local Outlier Factor of each 1-D value from its definition: N_k(p) the k = min(neighbours,
+    n - 1) nearest other values, reach(p, o) = max(k-distance(o), |p - o|), lrd(p) = 1 / mean of
+    reach(p, o) over N_k(p), LOF(p) = mean of lrd(o) over N_k(p) / lrd(p)."""
+    n = len(values)
+    k = min(neighbours, n - 1)
+    near = [sorted((j for j in range(n) if j != i), key=lambda j: abs(values[i] - values[j]))[:k] for i in range(n)]
+    k_distance = [abs(values[i] - values[near[i][-1]]) for i in range(n)]
+    lrd = [1.0 / (sum(max(k_distance[o], abs(values[i] - values[o])) for o in near[i]) / k + 1e-10) for i in range(n)]
+    return [sum(lrd[o] for o in near[i]) / k / lrd[i] for i in range(n)]
+
+
+def slow_joint_cls_attention(q_cls: torch.Tensor, keys: torch.Tensor) -> list[float]:
+    """softmax over every key of q_cls . k_j / sqrt(D): the [CLS] query and keys with every head's
+    dimensions joined ([D], [S, D])."""
+    logits = [float(q_cls.double() @ keys[j].double()) / math.sqrt(keys.shape[1]) for j in range(keys.shape[0])]
+    top = max(logits)
+    total = sum(math.exp(x - top) for x in logits)
+    return [math.exp(x - top) / total for x in logits]
+
+
+def slow_recoverable(features: torch.Tensor, text: torch.Tensor | None, a: list[float], n_keep: int,
+                     neighbours: int, visual_share: float | None) -> list[int]:
+    """Recoverable Compression steps 1-2 from their description, one image: `a` the [CLS] attention
+    of each patch; k_v = the number of a values with LOF > 1.5 (or visual_share x n_keep, half up),
+    at most n_keep; keep the top k_v by a, then the top n_keep - k_v of the rest by cosine to the
+    mean text embedding (no text: the top n_keep by a). Ties: lower index."""
+    n = features.shape[0]
+    by_attention = sorted(range(n), key=lambda j: (-a[j], j))
+    if text is None:
+        return sorted(by_attention[:n_keep])
+    if visual_share is None:
+        n_visual = min(n_keep, sum(f > 1.5 for f in slow_lof(a, neighbours)))
+    else:
+        n_visual = min(n_keep, math.floor(visual_share * n_keep + 0.5))
+    visual = by_attention[:n_visual]
+    t = text.double().mean(dim=0)
+    rest = sorted((j for j in range(n) if j not in visual), key=lambda j: (-_cos(features[j].double(), t), j))
+    return sorted(visual + rest[:n_keep - n_visual])
+
+
 def slow_vflowopt(features: torch.Tensor, probs: torch.Tensor, n_keep: int, threshold: float, cell: float):
     """VFlowOpt from its description, one image: probs [H, S, S] of the scoring vision layer, the
     last N keys the patches (raster order, square grid). A = head mean; r_j = mean_i A_ij; G = {i :
@@ -488,6 +529,15 @@ class HookReference:
                     text = embeds[b, max(cands) + 1:]
                     local = slow_catp(embeds[b, cands], text if len(text) else None, stage["n_keep"],
                                       stage["alignment"])
+                elif stage["kind"] == "recoverable":  # the vision layer reading the features
+                    layer = state["feature"] + 1
+                    if stage["heads"] == "joint":
+                        a = slow_joint_cls_attention(state["q_proj"][layer][b, 0], state["k_proj"][layer][b])
+                    else:
+                        a = state["vision"][layer][b, :, 0].mean(dim=0).tolist()
+                    text = embeds[b, max(cands) + 1:]
+                    local = slow_recoverable(embeds[b, cands], text if len(text) else None, a[lead:],
+                                             stage["n_keep"], stage["neighbours"], stage.get("visual_share"))
                 elif stage["kind"] == "todre":
                     first = 0 if stage["pivot"] == "first" else None
                     local = sorted(slow_divprune_order(embeds[b, cands], stage["n_keep"], first))
@@ -712,9 +762,9 @@ class HookReference:
         spatten_first = min((first for _, first in spatten), default=0)
         spatten_last = max((layer for layer, _ in spatten), default=-1)
         if any(s["layer"] is None and k not in ("divprune", "aim_merge") for s in self.stages for k in term_kinds(s)):
-            key_hooks = [layer.self_attn.k_proj.register_forward_hook(
-                lambda m, a, out, i=i: state.setdefault("k_proj", {}).__setitem__(i, out))
-                for i, layer in enumerate(self.model.model.vision_tower.encoder.layers)]
+            key_hooks = [getattr(layer.self_attn, name).register_forward_hook(
+                lambda m, a, out, i=i, name=name: state.setdefault(name, {}).__setitem__(i, out))
+                for i, layer in enumerate(self.model.model.vision_tower.encoder.layers) for name in ("q_proj", "k_proj")]
             try:
                 vision = self.model.model.vision_tower(pixel_values, output_attentions=True)
             finally:

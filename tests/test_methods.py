@@ -307,6 +307,56 @@ def test_catp_stage1_matches_its_formulas(batch, n, dim, n_keep, alignment):
         assert actual[b].tolist() == slow_catp(features[b], texts[b], n_keep, alignment)
 
 
+def test_local_outlier_count_matches_scikit_learn_and_the_definition():
+    from sklearn.neighbors import LocalOutlierFactor
+
+    from prunec.methods.recoverable import local_outlier_count
+    from reference import slow_lof
+
+    gen = torch.Generator().manual_seed(5)
+    values = torch.softmax(torch.randn(4, 40, generator=gen) * 2.5, dim=-1)  # attention-like: a few peaks
+    seen = []
+    for neighbours in (20, 5, 60):  # 60 > N - 1: every other value is a neighbour
+        counts = local_outlier_count(values, neighbours).tolist()
+        for b in range(values.shape[0]):
+            lof = LocalOutlierFactor(n_neighbors=min(neighbours, 39)).fit(values[b].double().numpy()[:, None])
+            assert counts[b] == int((lof.negative_outlier_factor_ < -1.5).sum())
+            assert counts[b] == sum(f > 1.5 for f in slow_lof(values[b].double().tolist(), neighbours))
+        seen += counts
+    assert min(seen) == 0 and 0 < max(seen) < values.shape[1]  # rows with and without outliers
+
+
+@pytest.mark.parametrize("batch, heads, n, n_keep, share, split", [
+    (1, 2, 16, 6, None, False),   # no LOF outliers: text similarity picks all
+    (3, 4, 36, 16, None, True),   # 12-13 outliers: both steps pick
+    (2, 2, 25, 8, None, True),
+    (2, 2, 25, 8, 0.5, None),     # a fixed share
+    (2, 3, 20, 2, None, False)])
+def test_recoverable_matches_its_description(batch, heads, n, n_keep, share, split):
+    from prunec.methods.recoverable import local_outlier_count, recover_keep
+    from reference import slow_joint_cls_attention, slow_recoverable
+
+    gen = torch.Generator().manual_seed(n + n_keep)
+    head_dim = 4
+    q = torch.randn(batch, heads, n + 1, head_dim, generator=gen) * 2  # [CLS] + n patches
+    k = torch.randn(batch, heads, n + 1, head_dim, generator=gen) * 2
+    features = torch.randn(batch, n, 6, generator=gen)
+    texts = [torch.randn(3 + b, 6, generator=gen) for b in range(batch)]
+    if batch > 1:
+        texts[-1] = None  # a row without text after its image
+    text = torch.stack([t.mean(dim=0) if t is not None else torch.zeros(6) for t in texts])
+    actual = recover_keep([q], [k], [None], [head_dim ** -0.5], False, n, n_keep, features=features, text=text,
+                          visual_share=share)
+    for b in range(batch):
+        a = slow_joint_cls_attention(q[b, :, 0].flatten(), k[b].transpose(0, 1).flatten(1))[1:]
+        expected = slow_recoverable(features[b], texts[b], a, n_keep, 20, share)
+        assert actual[b].tolist() == expected
+    logits = torch.einsum("bhd,bhsd->bs", q[:, :, 0], k) / math.sqrt(heads * head_dim)
+    visual = local_outlier_count(torch.softmax(logits, dim=-1)[:, 1:], 20)
+    if split is not None:  # the case covers what it says
+        assert bool(((visual > 0) & (visual < n_keep)).all()) == split
+
+
 @pytest.mark.parametrize("batch, side, cell, n_keep, threshold", [
     (1, 4, 2, 6, 1.2),       # 2 x 2 cells, a non-empty G
     (2, 5, 2, 12, 1.1),      # 3 x 3 cells, the last row and column of cells narrower
@@ -541,6 +591,14 @@ SCORE_SPECS = {
         pipeline:
           - {site: projector.output, method: fopru, params: {strategy: rank}, keep: {count: 7}}
           - {site: "llm.layers[1]", method: lazyllm, keep: {count: 4}}
+    """,
+    "recoverable-half-by-cls": """
+        pipeline:
+          - {site: projector.output, method: recoverable, params: {visual_share: 0.5}, keep: {count: 8}}
+    """,
+    "recoverable-head-mean-lof": """
+        pipeline:
+          - {site: projector.output, method: recoverable, params: {heads: mean, neighbours: 4}, keep: {count: 8}}
     """,
     "iga": """
         pipeline:
