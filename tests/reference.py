@@ -157,6 +157,31 @@ def slow_pagerank(matrices: torch.Tensor, start: list[float], iterations: int) -
     return [math.sqrt(sum(h[j] ** 2 for h in heads) / len(heads)) for j in range(len(start))]
 
 
+def slow_zero_tprune_si(probs: torch.Tensor, keys: torch.Tensor, lead: int, n_keep: int, iterations: int,
+                        share: float) -> list[int]:
+    """Zero-TPrune's S-stage then I-stage from their description, one image: probs [H, S, S], keys
+    [S, d] (head mean), the last S - lead tokens the candidates. I' = one PageRank step from 1/S;
+    B = the ceil(N/2) most important by I', A = the rest; each A token's best cosine to B; the
+    round-half-up(share x (N - n_keep)) (at most N // 2) most similar A tokens go (ties: lower
+    index first); then PageRank on the survivors' graph (pruned columns removed, rows renormalized,
+    start uniform over survivors) ranks the rest; keep the top n_keep (ties: lower index)."""
+    seq = probs.shape[-1]
+    n = seq - lead
+    pre = slow_pagerank(probs, [1.0 / seq] * seq, 1)[lead:]
+    order = sorted(range(n), key=lambda j: (-pre[j], j))
+    half = (n + 1) // 2
+    important, rest = order[:half], sorted(order[half:])
+    n_similar = min(math.floor(share * (n - n_keep) + 0.5), n // 2)
+    best = {a: max(_cos(keys[lead + a].double(), keys[lead + i].double()) for i in important) for a in rest}
+    pruned = sorted(rest, key=lambda a: (-best[a], a))[:n_similar]
+    graph = probs.double().clone()
+    graph[:, :, [lead + a for a in pruned]] = 0
+    graph = graph / graph.sum(dim=-1, keepdim=True)
+    start = [0.0 if t - lead in pruned and t >= lead else 1.0 / (seq - len(pruned)) for t in range(seq)]
+    importance = slow_pagerank(graph, start, iterations)[lead:]
+    return sorted(sorted((j for j in range(n) if j not in pruned), key=lambda j: (-importance[j], j))[:n_keep])
+
+
 def slow_aim(probs: torch.Tensor, valid: list[bool], temperature: float, iterations: int) -> list[float]:
     """AIM: softmax(logits / tau) rebuilt from the probabilities (softmax(l / tau) = p^(1/tau)
     normalized per row), PageRank from 1/N over the real tokens, RMS over heads."""
@@ -1017,8 +1042,8 @@ class VisionStagesReference:
                 keep = []
                 for b in range(output.shape[0]):
                     cands = list(range(self.leading, output.shape[1]))
-                    if "select" in stage:  # candidate-local indices from the layers' maps
-                        local = stage["select"](probs, b)
+                    if "select" in stage:  # candidate-local indices from the layers' maps (and keys)
+                        local = stage["select"](probs, keys, b)
                     else:
                         scores = stage["score"](probs, b)
                         local = slow_topk([scores[c] for c in cands], stage["n_keep"])

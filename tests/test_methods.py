@@ -243,6 +243,31 @@ def test_vision_attention_map_methods_match_their_formulas(batch, heads, side):
                 assert kept[b].tolist() == expected, strategy
 
 
+@pytest.mark.parametrize("batch, heads, side, n_keep, share", [
+    (1, 2, 3, 4, 0.5),     # odd N: B takes the extra token
+    (2, 4, 4, 6, 0.5),
+    (2, 2, 5, 10, 1.0),    # S wants all 15 removals, takes |A| = 12; I removes 3
+    (3, 2, 4, 9, 0.0),     # no S-stage: the I-stage alone on the whole graph
+])
+def test_zero_tprune_s_then_i_matches_its_description(batch, heads, side, n_keep, share):
+    from prunec.methods.zero_tprune import similarity_then_importance_keep
+    from reference import slow_zero_tprune_si
+
+    seq = side * side + 1
+    q, k = _qk(batch, heads, heads, seq, side + n_keep)
+    probs = _slow_probs(q, k, 0.4, lambda b, i, j: True)
+    kept = similarity_then_importance_keep([q], [k], [None], [0.4], False, seq - 1, n_keep, iterations=6,
+                                           similarity_share=share)
+    for b in range(batch):
+        assert kept[b].tolist() == slow_zero_tprune_si(probs[b], k[b].mean(dim=0), 1, n_keep, 6, share)
+    if share == 0.0:  # equals the I-stage method's top n_keep
+        from prunec.methods.zero_tprune import weighted_pagerank
+
+        scores = weighted_pagerank([q], [k], [None], [0.4], False, None, iterations=6)[:, 1:]
+        top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n_keep].sort(dim=1).values
+        assert kept.tolist() == top.tolist()
+
+
 @pytest.mark.parametrize("batch, heads, seq", [(1, 2, 10), (3, 4, 17)])
 def test_flowcut_matches_its_description(batch, heads, seq):
     from prunec.methods.flowcut import flow_scores
@@ -498,7 +523,7 @@ def test_preset_matches_hook_reference(built_presets, preset, pads):
 
 def _vision_rule(stage: dict, leading: int) -> dict:
     """How the reference picks at a ViT site, from each method's formula (slow_* in reference.py)."""
-    from reference import slow_fopru_rows, slow_hiprune, slow_received
+    from reference import slow_fopru_rows, slow_hiprune, slow_received, slow_zero_tprune_si
 
     kind, layer, n_keep = stage["kind"], stage["layer"], stage["n_keep"]
     if kind in ("tome", "flowcut"):
@@ -511,13 +536,16 @@ def _vision_rule(stage: dict, leading: int) -> dict:
     if kind == "vtc_cls":  # [CLS] rows summed over start_layer .. site
         return {"score": lambda probs, b: sum(probs[i][b, :, 0].double().mean(0)
                                               for i in range(stage["start_layer"], layer + 1)).tolist()}
+    if kind == "zero_tprune_si":
+        return {"select": lambda probs, keys, b: slow_zero_tprune_si(
+            probs[layer][b], keys[layer][b], leading, n_keep, stage["iterations"], stage["similarity_share"])}
     if kind == "hiprune":
-        return {"select": lambda probs, b: slow_hiprune(slow_received(probs[stage["object_layer"]][b])[leading:],
+        return {"select": lambda probs, keys, b: slow_hiprune(slow_received(probs[stage["object_layer"]][b])[leading:],
                                                         slow_received(probs[layer][b])[leading:], n_keep,
                                                         stage["alpha"])}
     assert kind == "fopru", kind
     if stage["strategy"] == "row":
-        return {"select": lambda probs, b: slow_fopru_rows(slow_received(probs[layer][b])[leading:], n_keep)}
+        return {"select": lambda probs, keys, b: slow_fopru_rows(slow_received(probs[layer][b])[leading:], n_keep)}
     return {"score": lambda probs, b: slow_received(probs[layer][b])}
 
 
