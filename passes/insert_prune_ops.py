@@ -156,6 +156,12 @@ def _term_scores(add: _Appender, record: StageRecord, method: str, params: dict,
         return scores
     if signal == "hidden":
         return add("score", _OPS.diversity_scores.default, (record.site_value, candidates, stage.n_candidates))
+    if signal == "image_context":
+        qs, ks, masks, scales, causal = (_attention_lists(record, method) if "layer_attention" in info.signals
+                                         else ([], [], [], [], False))
+        return add("score", _OPS.image_context_scores.default,
+                   (method, _params_json(method, params), record.site_value, record.images, stage.n_candidates,
+                    stage.query_tokens, valid, qs, ks, masks, scales, causal))
     if signal == "text_raters":  # chosen once from the LLM input, then carried (text is never pruned)
         raters = carried.get((stage.domain, "raters"))
         if raters is None:
@@ -244,13 +250,20 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if candidates.prev is add.last:  # the adapter built it at the cut, not from the inputs
             add.last = candidates
         sizes = (stage.n_candidates, stage.n_keep)
-        valid = ctx.adapter.validity(graph) if {"transitions", "layer_attention"} & record.signals else None
+        if info.scope:  # the stage selects among one scope of the image tokens and keeps the rest
+            record.images = candidates
+            candidates = add("candidates", _OPS.scope_candidates.default,
+                             (candidates, stage.n_candidates, stage.query_tokens, info.scope), meta_from=candidates)
+            left = stage.query_tokens if info.scope == "context" else stage.n_candidates - stage.query_tokens
+            sizes = (stage.n_candidates - left, stage.n_keep - left)
+        valid = (ctx.adapter.validity(graph) if {"transitions", "layer_attention", "image_context"} & record.signals
+                 else None)
         if "transitions" in record.signals:
             cos = next(p for m, p, _ in terms(stage.method, stage.param_dict) if m == "ttv")["cos"]
             record.transitions = _sum_transitions(add, record, carried.get((stage.domain, "ttv")), valid, cos)
             carried[(stage.domain, "ttv")] = record.transitions
-        if stage.n_keep == 0:  # every candidate goes: no score needed
-            index = add("select", _OPS.drop_candidates.default, (candidates, stage.n_candidates))
+        if sizes[1] == 0:  # every candidate goes: no score needed
+            index = add("select", _OPS.drop_candidates.default, (candidates, sizes[0]))
         elif info.kind == "select" and "layer_attention" in info.signals:
             qs, ks, masks, scales, causal = _attention_lists(record, stage.method)
             hidden = record.site_value if "hidden" in info.signals else None
@@ -260,9 +273,10 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         elif stage.method == "divprune":  # its own op: the greedy loop has a Triton kernel
             index = add("select", _OPS.select_divprune.default, (record.site_value, candidates, *sizes))
         elif info.kind == "select":
+            images = ctx.plan.lock["inputs"].get("images", 1) if info.per_image else 1
             index = add("select", _OPS.select_by_features.default,
                         (stage.method, _params_json(stage.method, stage.param_dict), record.site_value, candidates,
-                         *sizes))
+                         *sizes, images))
         elif stage.method == "tome":
             sdpa, _, _ = _attention(record, record.attention, "the layer's attention")
             merge = add("select", _OPS.tome_merge.default,

@@ -126,7 +126,7 @@ def locate_sites(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if stage.domain not in checked:
             checked.add(stage.domain)
             try:
-                ctx.adapter.check_candidates(gm, stage.n_candidates)
+                ctx.adapter.check_candidates(gm, stage.n_candidates // ctx.plan.lock["inputs"].get("images", 1))
             except ValueError as exc:
                 raise BuildError(f"site {stage.site}: {exc}") from None
         ctx.records.append(record)

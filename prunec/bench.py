@@ -119,9 +119,9 @@ def run_bench(plan: Plan, artifact: Path, build_seconds: float | None, rounds: i
     """Time the three ways on the spec's example inputs; the returned dict is `--json`'s output."""
     from . import load
 
+    shape = plan.lock["inputs"]
     inputs = plan.adapter.example_inputs(ExampleShape(
-        plan.lock["inputs"]["batch"], plan.lock["inputs"].get("seq_len"), plan.lock["inputs"].get("image_size")),
-        plan.lock["inputs"]["seed"])
+        shape["batch"], shape.get("seq_len"), shape.get("image_size"), shape.get("images", 1)), shape["seed"])
     model = load_model(plan.lock["model"], plan.spec.base_dir)
     unpruned = plan.adapter.wrap(model, plan.lock.get("output")).eval()
     ways: dict[str, Callable] = {"unpruned": unpruned, "prunec": load(artifact)}

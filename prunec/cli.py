@@ -136,7 +136,8 @@ def run(artifact: Path = typer.Argument(..., help="artifact directory written by
         lock = __import__("yaml").safe_load((artifact / "spec.lock.yaml").read_text())
         adapter = adapter_for(model_config(lock["model"], artifact))
         inputs = lock["inputs"]
-        shape = ExampleShape(batch or inputs["batch"], seq_len or inputs.get("seq_len"), inputs.get("image_size"))
+        shape = ExampleShape(batch or inputs["batch"], seq_len or inputs.get("seq_len"), inputs.get("image_size"),
+                             inputs.get("images", 1))
         example = adapter.example_inputs(shape, seed)
         module = load(artifact)
         with torch.no_grad():

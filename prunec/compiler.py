@@ -31,7 +31,7 @@ def example_shape(plan: Plan) -> ExampleShape:
     """Capture shapes. Batch is at least 2: torch.export specializes a dimension whose example is 1,
     and the emitted module must accept any batch."""
     inputs = plan.lock["inputs"]
-    return ExampleShape(max(2, inputs["batch"]), inputs.get("seq_len"), inputs.get("image_size"))
+    return ExampleShape(max(2, inputs["batch"]), inputs.get("seq_len"), inputs.get("image_size"), inputs.get("images", 1))
 
 
 def min_tokens(plan: Plan) -> int:

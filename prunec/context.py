@@ -35,6 +35,8 @@ class StageRecord:
     transitions: fx.Node | None = None  # [B, S] TTV summed up to this stage (carried across stages)
     layer_attention: dict[str, list[tuple[fx.Node, int]]] = field(default_factory=dict)  # method -> sdpa
                                         # calls (with leading non-candidate keys) of the layers it reads
+    images: fx.Node | None = None       # [B, S] every image token, for image-scoped stages (their
+                                        # candidates are a scope of these)
     index: fx.Node | None = None        # [B, K] sorted keep indices
     gathered: fx.Node | None = None     # the pruned residual stream
     kept_len: fx.Node | None = None     # K as a SymInt node

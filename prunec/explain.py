@@ -89,4 +89,6 @@ def _shape(inputs: dict) -> str:
         parts.append(f"seq_len {inputs['seq_len']}")
     if "image_size" in inputs:
         parts.append(f"image {inputs['image_size']}px")
+    if inputs.get("images", 1) > 1:
+        parts.append(f"{inputs['images']} images per row")
     return ", ".join(parts)

@@ -308,7 +308,7 @@ def select_by_attention(method: str, params: str, qs: List[torch.Tensor], ks: Li
     if hidden is not None:
         extra["features"] = _candidate_rows(hidden, positions)
         if get_method(method).paired_text:
-            extra["text"] = _paired_text(hidden, candidates)
+            extra["text"] = _paired_texts(hidden, positions, 1)
     local = get_method(method).fn(qs, ks, masks, scales, is_causal, n_candidates, n_keep, **extra)
     return _keep_indices(candidates, positions, local)
 
@@ -411,24 +411,62 @@ def _(candidates, n_candidates):
 
 @torch.library.custom_op("prunec::select_by_features", mutates_args=())
 def select_by_features(method: str, params: str, hidden: torch.Tensor, candidates: torch.Tensor, n_candidates: int,
-                       n_keep: int) -> torch.Tensor:
-    """A registered select method over the candidates' hidden states; keeps every non-candidate."""
+                       n_keep: int, images: int) -> torch.Tensor:
+    """A registered select method over the candidates' hidden states; keeps every non-candidate.
+    With images > 1 it runs within each image (equal token counts, in order) with its own budget."""
     positions = _candidate_positions(candidates, n_candidates)
     features = _candidate_rows(hidden, positions)
     info = get_method(method)
-    text = (_paired_text(hidden, candidates),) if info.paired_text else ()
-    return _keep_indices(candidates, positions, info.fn(features, n_keep, *text, **json.loads(params)))
+    batch, per_image = features.shape[0], n_candidates // images
+    text = (_paired_texts(hidden, positions, images),) if info.paired_text else ()
+    local = info.fn(features.view(batch * images, per_image, -1), n_keep // images, *text, **json.loads(params))
+    offsets = torch.arange(images, device=local.device)[:, None] * per_image
+    return _keep_indices(candidates, positions, (local.view(batch, images, -1) + offsets).view(batch, n_keep))
 
 
-def _paired_text(hidden: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """[B, D] mean embedding of the tokens after each row's last candidate (zeros where none): the
-    text an image is paired with (left padding never follows it)."""
-    positions = torch.arange(hidden.shape[1], device=hidden.device)
-    last = torch.where(candidates, positions, -1).amax(dim=1, keepdim=True)
-    after = (positions[None, :] > last).float()
-    return (hidden.float() * after[..., None]).sum(dim=1) / after.sum(dim=1, keepdim=True).clamp(min=1)
+def _paired_texts(hidden: torch.Tensor, positions: torch.Tensor, images: int) -> torch.Tensor:
+    """[B * images, D] mean embedding of the tokens after each image up to the next image or the
+    row's end (zeros where none): the text an image is paired with (left padding never follows it).
+    positions: [B, N] the image tokens, `images` equal runs in order."""
+    batch, n = positions.shape
+    spans = positions.view(batch, images, n // images)
+    ends = torch.cat([spans[:, 1:, 0], positions.new_full((batch, 1), hidden.shape[1])], dim=1)
+    tokens = torch.arange(hidden.shape[1], device=hidden.device)
+    after = (tokens > spans[..., -1:]) & (tokens < ends[..., None])  # [B, images, S]
+    sums = torch.einsum("bis,bsd->bid", after.float(), hidden.float())
+    return (sums / after.sum(dim=-1, keepdim=True).clamp(min=1)).flatten(0, 1)
 
 
 @select_by_features.register_fake
-def _(method, params, hidden, candidates, n_candidates, n_keep):
+def _(method, params, hidden, candidates, n_candidates, n_keep, images):
     return _keep_shape(candidates, n_candidates, n_keep)
+
+
+@torch.library.custom_op("prunec::scope_candidates", mutates_args=())
+def scope_candidates(images: torch.Tensor, n_image_tokens: int, n_query: int, scope: str) -> torch.Tensor:
+    """[B, S] bool: of the image tokens (`images`, n_image_tokens per row, the query image's n_query
+    last), those of every image but the last (scope "context") or of the last ("query")."""
+    positions = _candidate_positions(images, n_image_tokens)
+    split = n_image_tokens - n_query
+    chosen = positions[:, :split] if scope == "context" else positions[:, split:]
+    return torch.zeros_like(images).scatter_(1, chosen, True)
+
+
+@scope_candidates.register_fake
+def _(images, n_image_tokens, n_query, scope):
+    return torch.empty_like(images)
+
+
+@torch.library.custom_op("prunec::image_context_scores", mutates_args=())
+def image_context_scores(method: str, params: str, hidden: torch.Tensor, images: torch.Tensor, n_image_tokens: int,
+                         n_query: int, valid: Optional[torch.Tensor], qs: List[torch.Tensor], ks: List[torch.Tensor],
+                         masks: List[Optional[torch.Tensor]], scales: List[float], is_causal: bool) -> torch.Tensor:
+    """[B, S] float32 scores of a registered image_context method (CATP stage 2)."""
+    positions = _candidate_positions(images, n_image_tokens)
+    return get_method(method).fn(hidden, positions, n_query, valid, qs, ks, masks, scales, is_causal,
+                                 **json.loads(params)).float()
+
+
+@image_context_scores.register_fake
+def _(method, params, hidden, images, n_image_tokens, n_query, valid, qs, ks, masks, scales, is_causal):
+    return hidden.new_empty(tuple(hidden.shape[:2]), dtype=torch.float32)

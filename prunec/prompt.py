@@ -32,7 +32,7 @@ def prompt_inputs(generator, artifact: Path, prompt: str | None, image: Path | N
             raise PrunecError(f"family {adapter.family} takes an image: use --prompt with --image, or no prompt")
         return _fit_text(lock, generator, ids, torch.ones_like(ids)), None, None
     inputs = lock["inputs"]
-    shape = ExampleShape(1, inputs.get("seq_len"), inputs.get("image_size"))
+    shape = ExampleShape(1, inputs.get("seq_len"), inputs.get("image_size"), inputs.get("images", 1))
     return adapter.example_inputs(shape, seed), None, f"no prompt: seeded example inputs {shape} (seed {seed})"
 
 

@@ -66,6 +66,9 @@ def spec_schema() -> dict[str, Any]:
                     "batch": {"type": "integer", "minimum": 1, "maximum": 4096},
                     "seq_len": {"type": "integer", "minimum": 2, "maximum": 1 << 20},
                     "image_size": {"type": "integer", "minimum": 1, "maximum": 1 << 14},
+                    "images": {"type": "integer", "minimum": 1, "maximum": 64,
+                               "description": "images per row (multimodal families), each its own span of "
+                                              "image tokens: e.g. in-context demonstrations plus a query"},
                     "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
                 },
             },

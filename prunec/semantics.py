@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jsonschema
@@ -101,7 +102,13 @@ def _fit_budget(spec: Spec, adapter, inputs: dict, stages: tuple[Stage, ...]) ->
     from . import flops
     from .budget import achievable, fit_layer_average
 
+    from .methods import get_method
+
     target, ptr = spec.data["budget"]["layer_average"], "/budget/layer_average"
+    if inputs.get("images", 1) > 1 and any(get_method(s.method).scope or get_method(s.method).per_image
+                                           for s in stages):
+        raise SpecError("a layer-averaged budget scales whole-row counts; it does not apply to per-image or "
+                        "image-scoped stages (write their counts)", spec.locate(ptr))
     domains = sorted({s.domain for s in stages})
     if len(domains) != 1:
         raise SpecError("a layer-averaged budget needs stages in exactly one domain; this pipeline prunes "
@@ -162,6 +169,16 @@ def _check_inputs(spec: Spec, adapter, config) -> dict[str, Any]:
         low, high = adapter.seq_len_range()
         if not low <= inputs["seq_len"] <= high:
             raise SpecError(f"expected a sequence length in {low}..{high} for this model, got {inputs['seq_len']}",
+                            spec.locate("/inputs/seq_len"))
+    if "images" in inputs and "projector.output" not in adapter.output_sites:
+        raise SpecError(f"family {adapter.family} takes no images in its token sequence",
+                        spec.locate("/inputs/images"))
+    if inputs.get("images", 1) > 1:
+        per_image = adapter.initial_candidates_from_config({}, ())
+        needed = inputs["images"] * (per_image + 1) + 1
+        if inputs["seq_len"] < needed:
+            raise SpecError(f"expected a sequence length of at least {needed} for {inputs['images']} images of "
+                            f"{per_image} tokens (each followed by text), got {inputs['seq_len']}",
                             spec.locate("/inputs/seq_len"))
     if adapter.needs_image:
         inputs.setdefault("image_size", adapter.default_image_size())
@@ -247,9 +264,82 @@ def _locate(spec: Spec, adapter, info, where: str, layer: int | None, site_ptr: 
     return where, f"{where}.layers[{layer}]", layer
 
 
+@dataclass(frozen=True)
+class _ImageLayout:
+    """What the compiler knows statically of the images in a row: their count, each one's tokens
+    while all are equal, and the query (last) image's tokens, or None once a stage makes them
+    data-dependent (a selection over several images at once)."""
+
+    count: int
+    per_image: int | None
+    query: int | None
+    original_per_image: int
+
+    @classmethod
+    def initial(cls, candidates: int, count: int) -> "_ImageLayout":
+        return cls(count, candidates // count, candidates // count, candidates // count)
+
+    def out_of_scope(self, scope: str | None, available: int) -> int:
+        """Candidates a stage of this scope leaves alone."""
+        if scope == "context":
+            return self.query
+        return available - self.query if scope == "query" else 0
+
+    def scope_original(self, scope: str | None, original: int) -> int:
+        """What a ratio budget counts from: the scope's original tokens."""
+        if scope == "context":
+            return self.original_per_image * (self.count - 1)
+        return self.original_per_image if scope == "query" else original
+
+    def scope_words(self, scope: str | None) -> str:
+        return f" in the {'context images' if scope == 'context' else 'query image'}" if scope else ""
+
+    def after(self, info, n_keep: int, out_of_scope: int) -> "_ImageLayout":
+        if self.count == 1:
+            return replace(self, per_image=n_keep, query=n_keep)
+        if info.scope == "context":
+            return replace(self, per_image=None)
+        if info.scope == "query":
+            return replace(self, per_image=None, query=n_keep - out_of_scope)
+        if info.per_image:
+            return replace(self, per_image=n_keep // self.count, query=n_keep // self.count)
+        return replace(self, per_image=None, query=None)
+
+
+def _check_images(spec: Spec, info, layout: _ImageLayout, layer: int | None, ptr: str) -> None:
+    """A stage over several images per row gets what its method needs of them."""
+    if info.scope and layout.count < 2:
+        raise SpecError(f"method {info.name} prunes the {info.scope} image tokens of a multi-image row; set "
+                        "`inputs.images` to 2 or more (demonstrations + a query)", spec.locate(f"{ptr}/method"))
+    if info.scope and layout.query is None:
+        raise SpecError(f"method {info.name} needs the query image's token count, which an earlier stage selecting "
+                        "over several images at once makes data-dependent", spec.locate(f"{ptr}/method"))
+    if info.per_image and layout.count > 1 and layout.per_image is None:
+        raise SpecError(f"method {info.name} selects within each image, and an earlier stage left the images "
+                        "with different token counts", spec.locate(f"{ptr}/method"))
+    vision_signals = {"cls_attention", "layer_attention"} & set(info.signals)
+    if layout.count > 1 and layer is None and vision_signals:
+        raise SpecError(f"method {info.name} reads the vision tower per image, which prunec supports with one "
+                        f"image per row (inputs.images is {layout.count})", spec.locate(f"{ptr}/method"))
+
+
+def _check_attention_before_cut(spec: Spec, info, params: dict, layer: int | None, previous: int | None,
+                                ptr: str) -> None:
+    """A method comparing several layers' attention maps needs them over one token set."""
+    if layer is None or previous is None or info.accumulates or info.attention_layers is None:
+        return
+    crossed = [i for i in info.attention_layers(params, layer) if i <= previous]
+    if crossed:
+        raise SpecError(f"method {info.name} reads layer {crossed[0]}'s attention, which saw the tokens before the "
+                        f"earlier stage's cut after layer {previous}; move one of the two stages",
+                        spec.locate(f"{ptr}/site"))
+
+
 def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple[Stage, ...]:
     stages: list[Stage] = []
     kept: dict[str, tuple[int, tuple[str, ...]]] = {}  # domain -> (candidates after latest stage, protect)
+    images: dict[str, _ImageLayout] = {}  # domain -> what is known of each image's tokens
+    cut_after: dict[str, int | None] = {}  # domain -> layer of its latest stage
     previous: tuple[tuple[int, int], str] | None = None
     for i, raw in enumerate(spec.data["pipeline"]):
         ptr, site_ptr = f"/pipeline/{i}", f"/pipeline/{i}/site"
@@ -267,11 +357,18 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
                 raise SpecError("every stage in one domain must protect the same tokens", spec.locate(f"{ptr}/protect"))
             original = adapter.initial_candidates_from_config(inputs, protect)
             available = kept.get(domain, (original, protect))[0]
-            n_keep = resolve_count(kind, value, original)
+            layout = images.get(domain, _ImageLayout.initial(original, inputs.get("images", 1)))
+            _check_images(spec, info, layout, layer, ptr)
+            out_of_scope = layout.out_of_scope(info.scope, available)
+            n_keep = resolve_count(kind, value, layout.scope_original(info.scope, original)) + out_of_scope
             if n_keep > available:
-                raise SpecError(f"budget keeps {n_keep} tokens but only {available} candidates reach {site}",
+                raise SpecError(f"budget keeps {n_keep - out_of_scope} tokens but only {available - out_of_scope} "
+                                f"candidates reach {site}{layout.scope_words(info.scope)}",
                                 spec.locate(f"{ptr}/keep/{kind}"))
-            if n_keep < 1 and kind == "ratio":
+            if info.per_image and layout.count > 1 and n_keep % layout.count:
+                raise SpecError(f"{info.name} keeps the same count in each of the {layout.count} images; "
+                                f"{n_keep} is not a multiple", spec.locate(f"{ptr}/keep/{kind}"))
+            if n_keep - out_of_scope < 1 and kind == "ratio":
                 raise SpecError(f"ratio {value} keeps 0 of {original} candidates; write `count: 0` to drop them all",
                                 spec.locate(f"{ptr}/keep/{kind}"))
             if n_keep < 1 and info.action == "merge":
@@ -281,14 +378,18 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
                 _check_tome_budget(spec, ptr, kind, adapter, protect, available, n_keep)
             if info.name == "vflowopt":
                 _check_vflowopt_budget(spec, ptr, kind, params, available, n_keep)
+            _check_attention_before_cut(spec, info, params, layer, cut_after.get(domain), ptr)
             key = (_DOMAIN_ORDER.get(domain, 1), rank)
             if previous and key <= previous[0]:
                 raise SpecError(f"site {site} does not come after {previous[1]}; stages must follow the "
                                 "model's order and name each site once", spec.locate(site_ptr))
             previous = (key, site)
             kept[domain] = (n_keep, protect)
+            images[domain] = layout.after(info, n_keep, out_of_scope)
+            cut_after[domain] = layer
             stages.append(Stage(ptr, site, domain, layer, info.name, action, tuple(sorted(params.items())),
-                                positions, protect, (kind, value), available, n_keep))
+                                positions, protect, (kind, value), available, n_keep,
+                                layout.query if info.scope else 0))
     return tuple(stages)
 
 

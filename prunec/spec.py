@@ -45,6 +45,7 @@ class Stage:
     keep_spec: tuple[str, float]  # ("count", 8) or ("ratio", 0.5), as written
     n_candidates: int = 0         # candidates per row entering the stage
     n_keep: int = 0               # candidates per row kept
+    query_tokens: int = 0         # image-scoped methods: the query (last) image's candidates entering the stage
 
     @property
     def param_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from .errors import PrunecError
 from .flops import estimate, layer_tokens
 from .ops import KEEP_INDEX_OPS
 from .spec import Plan
@@ -185,6 +186,8 @@ def keep_map(plan: Plan, module, picture, seed: int = 0) -> tuple[object, list[s
     from .adapters.base import ExampleShape
 
     inputs = plan.lock["inputs"]
+    if inputs.get("images", 1) > 1:
+        raise PrunecError(f"a keep-map draws one image; this plan takes {inputs['images']} per row")
     example = list(plan.adapter.example_inputs(ExampleShape(1, inputs.get("seq_len"), inputs["image_size"]), seed))
     example[-1] = image_tensor(picture, inputs["image_size"])  # pixel_values is the last input
     selections = record_selections(module, tuple(example))

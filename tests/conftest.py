@@ -44,9 +44,11 @@ def build(tmp_path_factory):
     return lambda text: _build_cached(textwrap.dedent(text).lstrip(), str(root))
 
 
-def llava_inputs(config, pads: list[int], seq_len: int, image_offsets: list[int] | None = None, seed: int = 0):
+def llava_inputs(config, pads: list[int], seq_len: int, image_offsets: list[int] | None = None, seed: int = 0,
+                 images: int = 1):
     """A LLaVA batch with left padding: row b has pads[b] pad tokens, then text with the image block
-    at image_offsets[b] tokens after the padding. Different pads give different prompt lengths."""
+    at image_offsets[b] tokens after the padding. Different pads give different prompt lengths.
+    With several images, each further block follows the previous one after 2 + b % 3 text tokens."""
     gen = torch.Generator().manual_seed(seed)
     text = config.text_config
     n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
@@ -58,10 +60,12 @@ def llava_inputs(config, pads: list[int], seq_len: int, image_offsets: list[int]
         ids[b, :pad] = text.pad_token_id
         mask[b, :pad] = 0
         start = pad + offsets[b]
-        ids[b, start:start + n_image] = config.image_token_id
-        assert start + n_image < seq_len, "image block must leave room for text after it"
+        for _ in range(images):
+            ids[b, start:start + n_image] = config.image_token_id
+            assert start + n_image < seq_len, "image block must leave room for text after it"
+            start += n_image + 2 + b % 3
     size = config.vision_config.image_size
-    pixels = torch.randn(batch, 3, size, size, generator=gen)
+    pixels = torch.randn(batch * images, 3, size, size, generator=gen)
     return ids, mask, pixels
 
 

@@ -484,6 +484,8 @@ class HookReference:
         self.layer_masks = {}
         state = {"cands": self._candidates(input_ids), "cur": None, "pending": None, "attn": None, "pos": None}
         state["patches"] = [list(range(len(c))) for c in state["cands"]]  # patch id of each candidate
+        state["images"] = pixel_values.shape[0] // input_ids.shape[0] if pixel_values is not None else 1
+        state["per_image"] = len(state["cands"][0]) // state["images"]
         self.kept = []  # per stage: the set of patch ids row 0 still holds
 
         def keep_patches(locals_per_row):
@@ -550,10 +552,15 @@ class HookReference:
                     local = kept
                 elif stage["kind"] == "divprune":
                     local = slow_divprune(embeds[b, cands], stage["n_keep"])
-                elif stage["kind"] == "catp":  # the paired text: the real tokens after the image
-                    text = embeds[b, max(cands) + 1:]
-                    local = slow_catp(embeds[b, cands], text if len(text) else None, stage["n_keep"],
-                                      stage["alignment"])
+                elif stage["kind"] == "catp":  # per image; its paired text: the tokens up to the next image
+                    per, local = state["per_image"], []
+                    for m in range(state["images"]):
+                        group = cands[m * per:(m + 1) * per]
+                        end = cands[(m + 1) * per] if m + 1 < state["images"] else embeds.shape[1]
+                        text = embeds[b, group[-1] + 1:end]
+                        local += [m * per + i for i in slow_catp(embeds[b, group], text if len(text) else None,
+                                                                 stage["n_keep"] // state["images"],
+                                                                 stage["alignment"])]
                 elif stage["kind"] == "recoverable":  # the vision layer reading the features
                     layer = state["feature"] + 1
                     if stage["heads"] == "joint":
@@ -595,15 +602,20 @@ class HookReference:
         def capture_attn(module, args, output):
             state["attn"] = output[1]
 
-        def cut(stage, rows=None):
-            """rows: [B, S] scores; by default FastV's, from the captured attention probabilities."""
+        def cut(stage, rows=None, pools=None):
+            """rows: [B, S] scores; by default FastV's, from the captured attention probabilities.
+            pools: per row, the candidates (indices into state["cands"][b]) the stage selects among;
+            the others stay (default: all)."""
             if rows is None:
                 probs = state["attn"].float().mean(dim=1)  # [B, S, S], head mean
                 rows = probs[:, -1] if stage["query"] == "last" else probs.mean(dim=1)
             keep, locals_per_row = [], []
             for b, cands in enumerate(state["cands"]):
                 row = rows[b]
-                local = slow_topk([float(row[c]) for c in cands], stage["n_keep"])
+                pool = pools[b] if pools is not None else list(range(len(cands)))
+                n_keep = stage["n_keep"] - (len(cands) - len(pool))
+                chosen = [pool[i] for i in slow_topk([float(row[cands[i]]) for i in pool], n_keep)]
+                local = sorted(set(range(len(cands))) - set(pool) | set(chosen))
                 locals_per_row.append(local)
                 keep.append(keep_list(cands, [cands[i] for i in local], rows.shape[-1]))
             keep_patches(locals_per_row)
@@ -635,9 +647,42 @@ class HookReference:
             cut(stage, forced)
             state["merged"] = merged
 
+        def image_of(b):
+            """The image each of row b's current candidates belongs to (its patch id // per image)."""
+            return [p // state["per_image"] for p in state["patches"][b]]
+
+        def catp_stage2(stage, hidden):
+            """CATP stage 2 from the paper: the demonstration images' tokens (catp_context) or the
+            query image's (catp_query) by their scores; the other image tokens stay."""
+            out = torch.zeros(hidden.shape[:2], dtype=torch.float64)
+            pools = []
+            for b, cands in enumerate(state["cands"]):
+                images = image_of(b)
+                query = [i for i, m in enumerate(images) if m == state["images"] - 1]
+                context = [i for i, m in enumerate(images) if m < state["images"] - 1]
+                h = hidden[b].double()
+                valid = valid_now(b, hidden.shape[1])
+                if stage["kind"] == "catp_context":
+                    last = hidden.shape[1] - 1
+                    now, before = (state["probs"][stage["layer"] - d][b].double().mean(dim=0)[last] for d in (0, 1))
+                    sample = [t for t in range(cands[query[0]], hidden.shape[1]) if valid[t]]
+                    target = h[sample].mean(dim=0)
+                    for i in context:
+                        c = cands[i]
+                        out[b, c] = max(0.0, float(now[c] - before[c])) + stage["similarity"] * _cos(h[c], target)
+                    pools.append(context)
+                else:
+                    target = h[[cands[i] for i in context]].mean(dim=0) if context else torch.zeros(h.shape[1])
+                    for i in query:
+                        out[b, cands[i]] = _cos(h[cands[i]], target) if context else 0.0
+                    pools.append(query)
+            cut(stage, out, pools)
+
         def before_layer(index):
             def hook(module, args, kwargs):
                 for stage in self.stages:
+                    if stage["kind"] in ("catp_context", "catp_query") and stage["layer"] == index - 1:
+                        catp_stage2(stage, args[0] if args else kwargs["hidden_states"])
                     if stage["kind"] == "fastv" and stage["layer"] == index - 1:
                         cut(stage)
                     if stage["kind"] == "sparsevlm_recycle" and stage["layer"] == index - 1:
@@ -812,7 +857,7 @@ class HookReference:
                     handles.append(lm.layers[stage["layer"]].self_attn.register_forward_hook(capture_attn))
             for i, layer in enumerate(lm.layers):
                 handles.append(layer.register_forward_pre_hook(before_layer(i), with_kwargs=True))
-                if any(s["kind"] in SITE_KINDS for s in self.stages):
+                if any(s["kind"] in (*SITE_KINDS, "catp_context") for s in self.stages):
                     handles.append(layer.self_attn.register_forward_hook(keep_probs(i)))
                 if ttv_stages:
                     for name in ("input_layernorm", "self_attn", "post_attention_layernorm"):

@@ -506,7 +506,8 @@ def test_preset_matches_hook_reference(built_presets, preset, pads):
     seq_len = plan.lock["inputs"]["seq_len"]
     dropped = sum(s.n_candidates - s.n_keep for s in plan.stages)
     if family == "llava":
-        ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=seq_len, seed=11 + len(pads))
+        ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=seq_len, seed=11 + len(pads),
+                                         images=plan.lock["inputs"].get("images", 1))
         with torch.no_grad():
             actual = module(ids, mask, pixels)
         expected = reference(ids, mask, pixels)
@@ -772,3 +773,65 @@ def test_vision_attention_methods_find_a_dinov2_towers_layers(tmp_path):
         start = int((inputs[0][b] == plan.adapter.config.image_token_id).nonzero()[0])
         patches = [i - start for i in kept[b].tolist() if start <= i < start + n_image]
         assert patches == sorted(slow_topk(cls_row[b].tolist(), 6))
+
+
+CATP_ICL = """
+    prunec: 1
+    name: catp-icl
+    model: {builtin: tiny-llava}
+    inputs: {batch: 2, seq_len: 80, images: 3}
+    pipeline:
+      - {site: projector.output, method: catp, keep: {ratio: 0.625}}
+      - {site: "llm.layers[1]", method: catp_context, keep: {ratio: 0.375}}
+      - {site: "llm.layers[2]", method: catp_query, keep: {ratio: 0.375}}
+"""
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 3, 7]], ids=["batch1", "batch3-left-padded"])
+def test_catp_both_stages_on_multi_image_rows_match_hook_reference(build, pads):
+    """Three images per row (two demonstrations + a query): stage 1 per image with its own paired
+    text, stage 2 over the demonstrations at layer 1 and the query image at layer 2."""
+    plan, module, _ = build(CATP_ICL)
+    assert [s.n_keep for s in plan.stages] == [30, 22, 18]  # 10 per image; 12 + 10; 12 + 6
+    reference = HookReference(_hf(plan), reference_stages(plan))
+    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=80, seed=21 + len(pads), images=3)
+    with torch.no_grad():
+        actual = module(ids, mask, pixels)
+    expected = reference(ids, mask, pixels)
+    assert actual.shape[1] == 80 - 30
+    assert_close_on_real_tokens(actual, expected, pads, 1e-5)
+    per_image = [sorted(p // 16 for p in kept) for kept in reference.kept]  # row 0's images after each stage
+    assert [per_image[0].count(m) for m in range(3)] == [10, 10, 10]
+    assert per_image[1].count(2) == 10 and per_image[2].count(2) == 6  # the query image: untouched, then 6
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, seq", [(1, 2, 2, 20), (3, 4, 2, 26)])
+def test_catp_stage2_scores_match_their_formulas(batch, heads, kv_heads, seq):
+    """Scores on a causal, left-padded batch with three 3-token images per row, against loop-built
+    head-mean attention rows of the last token and means written out token by token."""
+    from prunec.methods.catp import context_scores, query_scores
+
+    gen = torch.Generator().manual_seed(seq)
+    layers = [_qk(batch, heads, kv_heads, seq, seed) for seed in (7, 8)]
+    hidden = torch.randn(batch, seq, 6, generator=gen)
+    pads = [0, 2, 5][:batch]
+    allowed = lambda b, i, j: j <= i and j >= pads[b]  # noqa: E731
+    probs = [_slow_probs(q, k, 0.35, allowed) for q, k in layers]
+    masks = torch.tensor([[[[allowed(b, i, j) for j in range(seq)] for i in range(seq)]] for b in range(batch)])
+    starts = [[pads[b] + 2 + 5 * m + b for m in range(3)] for b in range(batch)]  # 3 tokens, then 2 of text
+    positions = torch.tensor([[s + t for s in row for t in range(3)] for row in starts])
+    valid = torch.tensor([[t >= pads[b] for t in range(seq)] for b in range(batch)])
+    qs, ks = [q for q, _ in layers], [k for _, k in layers]
+    context = context_scores(hidden, positions, 3, valid, qs, ks, [masks, masks], [0.35, 0.35], False, similarity=0.6)
+    query = query_scores(hidden, positions, 3, valid, [], [], [], [], False)
+    for b in range(batch):
+        h = hidden[b].double()
+        sample = h[starts[b][2]:].mean(dim=0)  # the query image's first token to the end (all real)
+        demos = h[positions[b, :6]].mean(dim=0)
+        for c in positions[b, :6].tolist():
+            growth = max(0.0, float(probs[1][b, :, -1, c].mean() - probs[0][b, :, -1, c].mean()))
+            expected = growth + 0.6 * float(torch.nn.functional.cosine_similarity(h[c], sample, dim=0))
+            assert abs(float(context[b, c]) - expected) < 1e-5
+        for c in positions[b, 6:].tolist():
+            expected = float(torch.nn.functional.cosine_similarity(h[c], demos, dim=0))
+            assert abs(float(query[b, c]) - expected) < 1e-5

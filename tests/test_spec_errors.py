@@ -107,6 +107,9 @@ CASES = [
     ("extends-missing-file", {"s.yaml": "prunec: 1\nextends: nowhere.yaml\nname: x\n"}, 2, "does not exist"),
     ("attention-needs-sdpa", {"s.yaml": variant(replace={4: "  builtin: tiny-llava\n  attn_implementation: eager"})},
      11, "set model.attn_implementation: sdpa"),
+    ("scoped-budget-over-the-scope", {"s.yaml": variant(replace={
+        7: "  seq_len: 40\n  images: 2", 10: "    method: catp_query", 11: "    keep: {count: 24}"})}, 12,
+     "budget keeps 24 tokens but only 16 candidates reach llm.layers[1] in the query image"),
     ("ratio-keeps-nothing", {"s.yaml": variant(replace={11: "    keep: {ratio: 0.01}"})}, 11, "keeps 0 of 16"),
     ("later-stage-over-budget", {"s.yaml": TWO_STAGES}, 14, "only 8 candidates reach llm.layers[1]"),
     ("malformed-site", {"s.yaml": variant(replace={9: "  - site: llm.layer[1]"})}, 9, "expected a string matching"),
@@ -137,6 +140,27 @@ CASES = [
     ("seq-len-beyond-positions", {"s.yaml": variant(replace={7: "  seq_len: 100000"})}, 7, "18..512"),
     ("nul-in-extends", {"s.yaml": "prunec: 1\nextends: \"a\\0b.yaml\"\nname: x\n"}, 2, "without NUL"),
     ("negative-seed", {"s.yaml": variant(replace={4: "  builtin: tiny-llava\n  seed: -1"})}, 5, "expected a number >= 0"),
+    ("images-on-a-text-model", {"s.yaml": variant(replace={4: "  builtin: tiny-llama", 7: "  seq_len: 30\n  images: 2",
+                                                           9: "  - site: llm.layers[1]"})}, 8,
+     "family llama takes no images in its token sequence"),
+    ("seq-len-too-short-for-images", {"s.yaml": variant(replace={7: "  seq_len: 30\n  images: 3"})}, 7,
+     "at least 52 for 3 images of 16 tokens"),
+    ("context-scope-needs-several-images", {"s.yaml": variant(replace={10: "    method: catp_context"})}, 10,
+     "set `inputs.images` to 2 or more"),
+    ("vision-attention-over-several-images", {"s.yaml": variant(replace={
+        7: "  seq_len: 40\n  images: 2", 9: "  - site: projector.output", 10: "    method: fastervlm"})}, 11,
+     "reads the vision tower per image, which prunec supports with one image per row"),
+    ("per-image-budget-not-a-multiple", {"s.yaml": variant(replace={
+        7: "  seq_len: 40\n  images: 2", 9: "  - site: projector.output", 10: "    method: catp",
+        11: "    keep: {count: 9}"})}, 12, "keeps the same count in each of the 2 images; 9 is not a multiple"),
+    ("query-count-made-data-dependent", {"s.yaml": variant(replace={
+        7: "  seq_len: 40\n  images: 2", 9: "  - site: projector.output", 10: "    method: divprune",
+        11: "    keep: {count: 20}"}, append="  - site: llm.layers[1]\n    method: catp_query\n    keep: {count: 18}\n")},
+     14, "needs the query image's token count"),
+    ("attention-layers-across-a-cut", {"s.yaml": variant(replace={
+        7: "  seq_len: 40\n  images: 2", 10: "    method: catp_query", 11: "    keep: {count: 8}"},
+        append="  - site: llm.layers[2]\n    method: catp_context\n    keep: {count: 10}\n")}, 13,
+     "reads layer 1's attention, which saw the tokens before the earlier stage's cut after layer 1"),
     ("decode-dynamic-not-yet", {"s.yaml": variant(append="decode: {policy: dynamic}\n")}, 12, "not implemented yet"),
     ("decode-on-a-vision-model", {"s.yaml": "prunec: 1\nname: v\nmodel: {builtin: tiny-vit}\npipeline: []\n"
                                             "decode: {policy: static}\n"}, 5, "does not generate"),

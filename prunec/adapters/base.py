@@ -30,6 +30,7 @@ class ExampleShape:
     batch: int
     seq_len: int | None
     image_size: int | None
+    images: int = 1           # images per row (multimodal families)
 
 
 class Adapter:

@@ -2,7 +2,9 @@
 
 Candidates are the image tokens, found as `input_ids == config.image_token_id`; their count per
 image is read from the projector's output shape in the captured graph. Text (system prompt,
-question, padding) is never a candidate.
+question, padding) is never a candidate. A row may hold several images (`inputs.images`, each with
+its own span of image tokens, in the order of `pixel_values`); the pixel batch is its own dynamic
+dimension, and the candidate count per row (checked at run time) pins the images per row.
 """
 from __future__ import annotations
 
@@ -75,8 +77,9 @@ class LlavaAdapter(Adapter):
         vision, text = self.config.vision_config, self.config.text_config
         n = (inputs["image_size"] // vision.patch_size) ** 2 + 1  # patches + [CLS]
         d, m = vision.hidden_size, vision.intermediate_size
-        tower = vision.num_hidden_layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
-        image_tokens = self.image_tokens_per_image()
+        images = inputs.get("images", 1)
+        tower = images * vision.num_hidden_layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+        image_tokens = images * self.image_tokens_per_image()
         projector = image_tokens * (d * text.hidden_size + text.hidden_size * text.hidden_size)
         return {"vision tower": tower, "projector": projector}
 
@@ -103,17 +106,22 @@ class LlavaAdapter(Adapter):
         n_image = self.image_tokens_per_image()
         special = {text.pad_token_id, text.bos_token_id, text.eos_token_id, self.config.image_token_id}
         ids = random_token_ids((shape.batch, shape.seq_len), text.vocab_size, special, gen)
-        start = min(2, shape.seq_len - n_image)
-        ids[:, start:start + n_image] = self.config.image_token_id
+        if shape.images == 1:
+            starts = [min(2, shape.seq_len - n_image)]
+        else:  # equal text gaps before, between and after the images
+            gap = (shape.seq_len - shape.images * n_image) // (shape.images + 1)
+            starts = [gap + i * (n_image + gap) for i in range(shape.images)]
+        for start in starts:
+            ids[:, start:start + n_image] = self.config.image_token_id
         size = shape.image_size or self.default_image_size()
-        pixels = torch.randn(shape.batch, 3, size, size, generator=gen)
+        pixels = torch.randn(shape.batch * shape.images, 3, size, size, generator=gen)
         return ids, torch.ones_like(ids), pixels
 
     def dynamic_shapes(self, min_tokens):
         batch = batch_dim()
         low = max(self.image_tokens_per_image() + 2, min_tokens)
         seq = Dim("seq", min=low, max=self.config.text_config.max_position_embeddings)
-        return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch})
+        return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: Dim("images", min=1, max=1 << 16)})
 
     def candidate_mask(self, graph: fx.Graph, site_value: fx.Node, protect, cut):
         input_ids = next(n for n in graph.nodes if n.op == "placeholder" and n.target == "input_ids")
@@ -128,7 +136,7 @@ class LlavaAdapter(Adapter):
         return mask
 
     def initial_candidates_from_config(self, inputs, protect):
-        return self.image_tokens_per_image()
+        return self.image_tokens_per_image() * inputs.get("images", 1)
 
     def patch_positions(self, inputs, row):
         ids = inputs[0][row]

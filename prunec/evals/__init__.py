@@ -117,6 +117,8 @@ def rescale(data: dict, plan, keep: float) -> dict:
     stages = list(plan.stages)
     if not stages:
         return data
+    if any(s.query_tokens for s in stages):
+        raise PrunecError("keep= rescales whole-row counts; image-scoped stages need their counts written")
     first = stages[0].n_candidates
     last = next((s.n_keep for s in reversed(stages) if s.n_keep), 0)
     if last == 0:

@@ -21,9 +21,11 @@ from typing import Any, Callable
 #   vision tower's feature layer);
 # transitions: each layer's sub-block inputs and outputs (attention and FFN), summed over layers;
 # text_raters: the site layer's q/k plus rater tokens chosen once from the LLM input embeddings;
-# hidden: the residual stream at the site.
+# hidden: the residual stream at the site;
+# image_context: the site's hidden states with every image token marked, the query image's token count and
+#   the validity mask (plus `layer_attention` where the method also names layers).
 SIGNALS = ("attention_qk", "next_layer_qk", "instruction_qk", "cls_attention", "layer_attention", "transitions",
-           "text_raters", "hidden")
+           "text_raters", "hidden", "image_context")
 QK_SIGNALS = frozenset({"attention_qk", "next_layer_qk", "instruction_qk", "cls_attention", "layer_attention",
                         "text_raters"})
 NEXT_LAYER_SIGNALS = frozenset({"next_layer_qk", "instruction_qk"})
@@ -52,6 +54,9 @@ class MethodInfo:
     reads_values: bool = False       # layer_attention methods that also read the layers' values
     layer_params: tuple[str, ...] = ()  # params that choose layers: the compiler reads them, fn never sees them
     paired_text: bool = False        # select methods that also take the mean embedding of the text after the image
+    per_image: bool = False          # with several images per row, selects within each image (equal budgets)
+    scope: str | None = None         # "context" | "query": the stage's candidates are the tokens of every image
+                                     # but the last (the in-context demonstrations), or of the last (the query)
 
 
 _METHODS: dict[str, MethodInfo] = {}
