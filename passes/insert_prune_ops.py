@@ -156,6 +156,8 @@ def _term_scores(add: _Appender, record: StageRecord, method: str, params: dict,
         return scores
     if signal == "hidden":
         return add("score", _OPS.diversity_scores.default, (record.site_value, candidates, stage.n_candidates))
+    if signal == "vision_importance":  # computed by the vflowopt stage before the LLM, then carried
+        return carried[(stage.domain, "vision_importance")]
     if signal == "image_context":
         qs, ks, masks, scales, causal = (_attention_lists(record, method) if "layer_attention" in info.signals
                                          else ([], [], [], [], False))
@@ -256,6 +258,13 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                              (candidates, stage.n_candidates, stage.query_tokens, info.scope), meta_from=candidates)
             left = stage.query_tokens if info.scope == "context" else stage.n_candidates - stage.query_tokens
             sizes = (stage.n_candidates - left, stage.n_keep - left)
+        if stage.method == "vflowopt" and any(s.method == "vflowopt_llm" for s in ctx.plan.stages):
+            qs, ks, masks, scales, causal = _attention_lists(record, stage.method)
+            importance = add("score", _OPS.vision_importance.default,
+                             (qs, ks, masks, scales, causal, candidates, stage.n_candidates,
+                              stage.param_dict["threshold"]))
+            importance.meta["val"] = _row_val(record.site_value)  # full length: propagate_tokens gathers it
+            carried[(stage.domain, "vision_importance")] = importance
         valid = (ctx.adapter.validity(graph) if {"transitions", "layer_attention", "image_context"} & record.signals
                  else None)
         if "transitions" in record.signals:

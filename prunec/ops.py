@@ -25,6 +25,7 @@ from .methods.sparsevlm import text_raters as _text_raters
 from .methods.tome import tome_merge as _tome_merge
 from .methods.transprune import instruction_attention as _instruction_attention
 from .methods.transprune import token_transition as _token_transition
+from .methods.vflowopt import importance_over_sequence
 
 
 # ops whose output (or first output, for merges) is a stage's [B, K] keep indices, for tools that
@@ -440,6 +441,20 @@ def _paired_texts(hidden: torch.Tensor, positions: torch.Tensor, images: int) ->
 @select_by_features.register_fake
 def _(method, params, hidden, candidates, n_candidates, n_keep, images):
     return _keep_shape(candidates, n_candidates, n_keep)
+
+
+@torch.library.custom_op("prunec::vision_importance", mutates_args=())
+def vision_importance(qs: List[torch.Tensor], ks: List[torch.Tensor], masks: List[Optional[torch.Tensor]],
+                      scales: List[float], is_causal: bool, candidates: torch.Tensor, n_candidates: int,
+                      threshold: float) -> torch.Tensor:
+    """[B, S] fp32 VFlowOpt importance of each candidate at its position (0 elsewhere)."""
+    _check_count(candidates, n_candidates)
+    return importance_over_sequence(qs, ks, masks, scales, is_causal, candidates, n_candidates, threshold)
+
+
+@vision_importance.register_fake
+def _(qs, ks, masks, scales, is_causal, candidates, n_candidates, threshold):
+    return _row_scores_fake(qs[0], candidates.shape[0], candidates.shape[1])
 
 
 @torch.library.custom_op("prunec::scope_candidates", mutates_args=())

@@ -230,6 +230,9 @@ def _check_terms(spec: Spec, items: list, ptr: str) -> None:
             raise SpecError(f"method {info.name!r} has no score to fuse", spec.locate(f"{at}/method"))
         if info.action != "prune":
             raise SpecError(f"method {info.name!r} merges tokens; only prune scores fuse", spec.locate(f"{at}/method"))
+        if info.scope:
+            raise SpecError(f"method {info.name!r} scores one image scope ({info.scope}); it does not fuse",
+                            spec.locate(f"{at}/method"))
         if info.name in seen:
             raise SpecError(f"method {info.name!r} appears twice in terms", spec.locate(f"{at}/method"))
         seen.add(info.name)
@@ -359,6 +362,9 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             available = kept.get(domain, (original, protect))[0]
             layout = images.get(domain, _ImageLayout.initial(original, inputs.get("images", 1)))
             _check_images(spec, info, layout, layer, ptr)
+            if info.name == "vflowopt_llm" and not any(s.method == "vflowopt" for s in stages):
+                raise SpecError("method vflowopt_llm ranks by the importance a vflowopt stage computes before the "
+                                "LLM; add one at projector.output first", spec.locate(f"{ptr}/method"))
             out_of_scope = layout.out_of_scope(info.scope, available)
             n_keep = resolve_count(kind, value, layout.scope_original(info.scope, original)) + out_of_scope
             if n_keep > available:

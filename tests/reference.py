@@ -353,6 +353,17 @@ def slow_recoverable(features: torch.Tensor, text: torch.Tensor | None, a: list[
     return sorted(visual + rest[:n_keep - n_visual])
 
 
+def slow_calibrated_importance(probs: torch.Tensor, n: int, threshold: float) -> list[float]:
+    """VFlowOpt's importance of the last n keys: A = head mean of probs [H, S, S]; r_j = mean_i A_ij;
+    G = {i : r_i > t mean(r)} (all rows if none); I_j = mean_{i in G} A_ij."""
+    seq, heads = probs.shape[-1], probs.shape[0]
+    lead = seq - n
+    a = [[sum(float(probs[h, i, j]) for h in range(heads)) / heads for j in range(seq)] for i in range(seq)]
+    r = [sum(a[i][j] for i in range(seq)) / seq for j in range(seq)]
+    group = [i for i in range(seq) if r[i] > threshold * sum(r) / seq] or list(range(seq))
+    return [sum(a[i][lead + j] for i in group) / len(group) for j in range(n)]
+
+
 def slow_vflowopt(features: torch.Tensor, probs: torch.Tensor, n_keep: int, threshold: float, cell: float):
     """VFlowOpt from its description, one image: probs [H, S, S] of the scoring vision layer, the
     last N keys the patches (raster order, square grid). A = head mean; r_j = mean_i A_ij; G = {i :
@@ -360,12 +371,8 @@ def slow_vflowopt(features: torch.Tensor, probs: torch.Tensor, n_keep: int, thre
     top n_keep - C patches by I (ties: lower index) stay; each cell's other patches merge, weighted
     by I, into its highest-I one; cells with nothing pruned are made up by the highest-I pruned
     non-carriers, kept as themselves. Returns (kept local indices, their values)."""
-    seq, n = probs.shape[-1], features.shape[0]
-    lead, heads = seq - n, probs.shape[0]
-    a = [[sum(float(probs[h, i, j]) for h in range(heads)) / heads for j in range(seq)] for i in range(seq)]
-    r = [sum(a[i][j] for i in range(seq)) / seq for j in range(seq)]
-    group = [i for i in range(seq) if r[i] > threshold * sum(r) / seq] or list(range(seq))
-    imp = [sum(a[i][lead + j] for i in group) / len(group) for j in range(n)]
+    n = features.shape[0]
+    imp = slow_calibrated_importance(probs, n, threshold)
     side = math.isqrt(n)
     per_side = math.ceil(side / cell)
     cell_of = [math.floor((j // side) / cell) * per_side + math.floor((j % side) / cell) for j in range(n)]
@@ -541,6 +548,8 @@ class HookReference:
                         probs = state["vision"][stage.get("vision_layer", state["feature"])][b]
                         kept, values = slow_vflowopt(embeds[b, cands], probs, stage["n_keep"], stage["threshold"],
                                                      stage["cell"])
+                        state.setdefault("importance", []).append(
+                            slow_calibrated_importance(probs, len(cands), stage["threshold"]))  # by patch id
                     else:
                         feature = state["vision"][state["feature"]]
                         cls = feature[b, :, 0].sum(dim=0)[lead:].tolist()
@@ -683,6 +692,13 @@ class HookReference:
                 for stage in self.stages:
                     if stage["kind"] in ("catp_context", "catp_query") and stage["layer"] == index - 1:
                         catp_stage2(stage, args[0] if args else kwargs["hidden_states"])
+                    if stage["kind"] == "vflowopt_llm" and stage["layer"] == index - 1:  # the vision importance
+                        hidden = args[0] if args else kwargs["hidden_states"]
+                        rows = torch.zeros(hidden.shape[:2], dtype=torch.float64)
+                        for b, cands in enumerate(state["cands"]):
+                            for c, patch in zip(cands, state["patches"][b]):
+                                rows[b, c] = state["importance"][b][patch]
+                        cut(stage, rows)
                     if stage["kind"] == "fastv" and stage["layer"] == index - 1:
                         cut(stage)
                     if stage["kind"] == "sparsevlm_recycle" and stage["layer"] == index - 1:

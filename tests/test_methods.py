@@ -629,6 +629,12 @@ SCORE_SPECS = {
         pipeline:
           - {site: projector.output, method: recoverable, params: {heads: mean, neighbours: 4}, keep: {count: 8}}
     """,
+    "vflowopt-then-in-llm": """
+        pipeline:
+          - {site: projector.output, method: vflowopt, action: merge, params: {threshold: 1.1, cell: 2},
+             keep: {count: 10}}
+          - {site: "llm.layers[0, 2]", method: vflowopt_llm, keep: {count: [7, 4]}}
+    """,
     "iga": """
         pipeline:
           - {site: "llm.layers[0, 2]", method: iga, keep: {count: [9, 4]}}

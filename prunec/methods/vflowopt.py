@@ -16,7 +16,15 @@ and revives one carrier per non-empty cell, so its count varies by one or two pe
 keeps the top `n_keep - cells` patches by I directly and tops up cells without pruned patches
 with the next highest-I pruned patches (kept as themselves, out of their cell's average), so every
 row keeps exactly `n_keep`. An empty G (no query passes the threshold) falls back to every query
-(the official behaviour there is unclear). In-LLM stages are separate stages (e.g. FastV-style).
+(the official code takes a mean over the empty set, NaN). The pixel-entropy term is off (alpha_v = 0)
+in every released config and is not implemented (the code computes it on the normalized pixels
+cast to uint8, wrapping negative values).
+
+In-LLM stages (`vflowopt_llm`, official `Qwen2Model.forward_illava`): at the chosen LLM layers the
+remaining image tokens are ranked by the same vision importance I, computed once before the LLM
+and carried with the tokens (a recycled carrier keeps its own I), not by LLM attention; the
+lowest go, positions kept. The released 10% config keeps [1.0, 0.6011] of the image tokens left at
+LLM layers 9 and 18 (LLaVA-OneVision), each ratio of what reaches the layer.
 """
 from __future__ import annotations
 
@@ -37,6 +45,16 @@ def calibrated_importance(probs: torch.Tensor, n: int, threshold: float) -> torc
     important = important | ~important.any(dim=1, keepdim=True)  # none passes: every query
     weights = important.float() / important.sum(dim=1, keepdim=True)
     return torch.einsum("bi,bij->bj", weights, mean_heads)[:, -n:]
+
+
+def importance_over_sequence(qs, ks, masks, scales, is_causal: bool, candidates: torch.Tensor, n_candidates: int,
+                             threshold: float = 39.26) -> torch.Tensor:
+    """[B, S] the importance I of each candidate (image token) at its sequence position, 0 elsewhere
+    (qs/ks: the scoring vision layer's; its last n_candidates keys are the candidates in order)."""
+    probs = attention_probs(qs[0], ks[0], masks[0], scales[0], is_causal)
+    importance = calibrated_importance(probs, n_candidates, threshold)
+    positions = candidates.nonzero()[:, 1].view(candidates.shape[0], n_candidates)
+    return torch.zeros(candidates.shape, device=importance.device).scatter(1, positions, importance)
 
 
 def cells_of(n: int, cell: float, device) -> tuple[torch.Tensor, int]:
@@ -111,4 +129,20 @@ register_method(MethodInfo(
     summary="importance from calibrated vision attention; pruned tokens recycled per grid cell into the top one",
     source="sihany077/VFlowOpt src/LLaVA-OneVision/llava/model/{multimodal_encoder/siglip_encoder.py, "
            "language_model/llava_qwen_training_free.py}",
+))
+
+
+register_method(MethodInfo(
+    name="vflowopt_llm",
+    action="prune",
+    kind="score",
+    signals=("vision_importance",),
+    fn=importance_over_sequence,
+    params_schema={"type": "object", "additionalProperties": False, "properties": {}},
+    default_positions="keep_original",
+    domains=("llm",),
+    layer_sites_only=True,
+    summary="VFlowOpt's in-LLM stage: the image tokens left, ranked by the vflowopt stage's vision importance",
+    source="sihany077/VFlowOpt src/transformers-4.46.0/src/transformers/models/qwen2/modeling_qwen2.py "
+           "(Qwen2Model.forward_illava)",
 ))
