@@ -295,13 +295,14 @@ def methods(as_json: bool = typer.Option(False, "--json", help="machine-readable
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    width = max(len(row["method"]) for row in rows)
     for row in rows:
         variants = "; ".join(f"{k}: {v}" for k, v in row["variants"].items()) or "-"
-        typer.echo(f"{row['method']:<12} {row['action']}/{row['kind']:<6}  {row['summary']}")
-        typer.echo(f"{'':<12} sites: {', '.join(row['sites'])}   signals: {', '.join(row['signals'])}   "
+        typer.echo(f"{row['method']:<{width}} {row['action']}/{row['kind']:<6}  {row['summary']}")
+        typer.echo(f"{'':<{width}} sites: {', '.join(row['sites'])}   signals: {', '.join(row['signals'])}   "
                    f"positions: {row['positions']}   fusable: {'yes' if row['fusable'] else 'no'}")
-        typer.echo(f"{'':<12} params: {', '.join(row['params']) or '-'}   variants: {variants}")
-        typer.echo(f"{'':<12} source: {row['source']}")
+        typer.echo(f"{'':<{width}} params: {', '.join(row['params']) or '-'}   variants: {variants}")
+        typer.echo(f"{'':<{width}} source: {row['source']}")
 
 
 @app.command("eval")

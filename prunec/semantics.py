@@ -362,7 +362,8 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             available = kept.get(domain, (original, protect))[0]
             layout = images.get(domain, _ImageLayout.initial(original, inputs.get("images", 1)))
             _check_images(spec, info, layout, layer, ptr)
-            if info.name == "vflowopt_llm" and not any(s.method == "vflowopt" for s in stages):
+            uses_importance = any(term.name == "vflowopt_llm" for term, _ in _fused(info, params))
+            if uses_importance and not any(s.method == "vflowopt" for s in stages):
                 raise SpecError("method vflowopt_llm ranks by the importance a vflowopt stage computes before the "
                                 "LLM; add one at projector.output first", spec.locate(f"{ptr}/method"))
             out_of_scope = layout.out_of_scope(info.scope, available)

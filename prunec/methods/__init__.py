@@ -96,7 +96,7 @@ def catalog() -> list[dict[str, Any]]:
             "method": name, "action": info.action, "kind": info.kind, "sites": sites,
             "signals": list(info.signals) or ["(its terms')"], "positions": info.default_positions,
             "variants": info.variants, "params": sorted(info.params_schema.get("properties", {})),
-            "fusable": info.kind == "score" or info.score_fn is not None,
+            "fusable": (info.kind == "score" or info.score_fn is not None) and info.action == "prune" and not info.scope,
             "summary": info.summary, "source": info.source,
         })
     return rows
