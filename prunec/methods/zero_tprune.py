@@ -30,6 +30,10 @@ from . import MethodInfo, register_method
 from .attention_maps import attention_probs, query_validity
 
 
+HEAD_VARIANCE_SCHEMA = {"type": "array", "items": {"type": "number", "minimum": 0}, "minItems": 2, "maxItems": 2,
+                        "description": "keep heads whose var(N * s) lies in [low, high]"}
+
+
 def weighted_pagerank(qs, ks, masks, scales, is_causal: bool, valid, candidates=None, iterations: int = 10,
                       head_variance: list[float] | None = None) -> torch.Tensor:
     """[B, S] importance: RMS over (kept) heads of each head's PageRank vector after `iterations`.
@@ -64,8 +68,7 @@ register_method(MethodInfo(
         "properties": {
             "iterations": {"type": "integer", "minimum": 1, "maximum": 1000,
                            "description": "PageRank steps: 30-50 early layers, 5-10 middle, 1 last three (paper)"},
-            "head_variance": {"type": "array", "items": {"type": "number", "minimum": 0}, "minItems": 2,
-                              "maxItems": 2, "description": "keep heads whose var(N * s) lies in [low, high]"},
+            "head_variance": HEAD_VARIANCE_SCHEMA,
         },
     },
     defaults={"iterations": 10},
@@ -123,8 +126,7 @@ register_method(MethodInfo(
             "similarity_share": {"type": "number", "minimum": 0, "maximum": 1,
                                  "description": "share of the stage's removals made by the S-stage (unclear in "
                                                 "the paper; at most half the candidates)"},
-            "head_variance": {"type": "array", "items": {"type": "number", "minimum": 0}, "minItems": 2,
-                              "maxItems": 2, "description": "keep heads whose var(N * s) lies in [low, high]"},
+            "head_variance": HEAD_VARIANCE_SCHEMA,
         },
     },
     defaults={"iterations": 10, "similarity_share": 0.5},
