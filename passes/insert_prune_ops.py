@@ -132,6 +132,13 @@ def _layer_attention_scores(add: _Appender, record: StageRecord, method: str, pa
     return add("score", _OPS.scatter_candidates.default, (patches, candidates, stage.n_candidates))
 
 
+def _pixels(graph: fx.Graph, info) -> fx.Node | None:
+    """The `pixel_values` input, for methods that read pixels."""
+    if "pixels" not in info.signals:
+        return None
+    return next(n for n in graph.nodes if n.op == "placeholder" and n.target == "pixel_values")
+
+
 def _params_json(method: str, params: dict) -> str:
     """A method's own parameters (not those choosing layers, which are the compiler's), as JSON."""
     skip = get_method(method).layer_params
@@ -262,7 +269,7 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             qs, ks, masks, scales, causal = _attention_lists(record, stage.method)
             importance = add("score", _OPS.vision_importance.default,
                              (qs, ks, masks, scales, causal, candidates, stage.n_candidates,
-                              stage.param_dict["threshold"]))
+                              stage.param_dict["threshold"], _pixels(graph, info), stage.param_dict["entropy_weight"]))
             importance.meta["val"] = _row_val(record.site_value)  # full length: propagate_tokens gathers it
             carried[(stage.domain, "vision_importance")] = importance
         valid = (ctx.adapter.validity(graph) if {"transitions", "layer_attention", "image_context"} & record.signals
@@ -309,7 +316,7 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                                              else ([], [], [], [], False))
             merge = add("select", _OPS.merge_candidates.default,
                         (stage.method, _params_json(stage.method, stage.param_dict), record.site_value, candidates,
-                         *sizes, qs, ks, masks, scales, causal))
+                         *sizes, qs, ks, masks, scales, causal, _pixels(graph, info)))
             index = add("select", operator.getitem, (merge, 0))
             source = add("select", operator.getitem, (merge, 1), meta_from=record.site_value)
         else:

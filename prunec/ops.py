@@ -322,19 +322,24 @@ def _(method, params, qs, ks, masks, scales, is_causal, candidates, n_candidates
 @torch.library.custom_op("prunec::merge_candidates", mutates_args=())
 def merge_candidates(method: str, params: str, hidden: torch.Tensor, candidates: torch.Tensor, n_candidates: int,
                      n_keep: int, qs: List[torch.Tensor], ks: List[torch.Tensor], masks: List[Optional[torch.Tensor]],
-                     scales: List[float], is_causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                     scales: List[float], is_causal: bool, pixels: Optional[torch.Tensor]
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """A registered merge method over the candidates' hidden states (and, if it reads them, attention
-    maps): (sorted keep indices over the sequence, hidden states with each surviving candidate's row
-    replaced by its merged value). Gathering the second by the first gives the merged sequence."""
+    maps and pixels): (sorted keep indices over the sequence, hidden states with each surviving
+    candidate's row replaced by its merged value). Gathering the second by the first gives the merged
+    sequence."""
     positions = _candidate_positions(candidates, n_candidates)
     features = _candidate_rows(hidden, positions)
     attention = (qs, ks, masks, scales, is_causal) if qs else ()
-    local, merged = get_method(method).fn(features, n_keep, *attention, **json.loads(params))
+    extra = json.loads(params)
+    if pixels is not None:
+        extra["pixels"] = pixels
+    local, merged = get_method(method).fn(features, n_keep, *attention, **extra)
     return _keep_indices(candidates, positions, local), _merged_back(hidden, positions, local, merged)
 
 
 @merge_candidates.register_fake
-def _(method, params, hidden, candidates, n_candidates, n_keep, qs, ks, masks, scales, is_causal):
+def _(method, params, hidden, candidates, n_candidates, n_keep, qs, ks, masks, scales, is_causal, pixels):
     return _keep_shape(candidates, n_candidates, n_keep), hidden.new_empty(hidden.shape)
 
 
@@ -446,14 +451,15 @@ def _(method, params, hidden, candidates, n_candidates, n_keep, images):
 @torch.library.custom_op("prunec::vision_importance", mutates_args=())
 def vision_importance(qs: List[torch.Tensor], ks: List[torch.Tensor], masks: List[Optional[torch.Tensor]],
                       scales: List[float], is_causal: bool, candidates: torch.Tensor, n_candidates: int,
-                      threshold: float) -> torch.Tensor:
+                      threshold: float, pixels: Optional[torch.Tensor], entropy_weight: float) -> torch.Tensor:
     """[B, S] fp32 VFlowOpt importance of each candidate at its position (0 elsewhere)."""
     _check_count(candidates, n_candidates)
-    return importance_over_sequence(qs, ks, masks, scales, is_causal, candidates, n_candidates, threshold)
+    return importance_over_sequence(qs, ks, masks, scales, is_causal, candidates, n_candidates, threshold, pixels,
+                                    entropy_weight)
 
 
 @vision_importance.register_fake
-def _(qs, ks, masks, scales, is_causal, candidates, n_candidates, threshold):
+def _(qs, ks, masks, scales, is_causal, candidates, n_candidates, threshold, pixels, entropy_weight):
     return _row_scores_fake(qs[0], candidates.shape[0], candidates.shape[1])
 
 

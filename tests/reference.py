@@ -353,18 +353,44 @@ def slow_recoverable(features: torch.Tensor, text: torch.Tensor | None, a: list[
     return sorted(visual + rest[:n_keep - n_visual])
 
 
-def slow_calibrated_importance(probs: torch.Tensor, n: int, threshold: float) -> list[float]:
+def slow_patch_entropy(pixels: torch.Tensor, n: int) -> list[float]:
+    """VFlowOpt's pixel entropy of n raster-order patches of one image ([3, H, W]), pixel by pixel:
+    each channel value v -> int(v * 255) truncated toward zero, modulo 256 (an 8-bit cast); grey =
+    round(0.3333 * (r + g + b)); H = -sum_k p_k log2(p_k + 1e-10) over the 256 grey levels."""
+    side = math.isqrt(n)
+    size = pixels.shape[-1] // side
+    out = []
+    for j in range(n):
+        top, left = (j // side) * size, (j % side) * size
+        counts = [0] * 256
+        for y in range(top, top + size):
+            for x in range(left, left + size):
+                levels = [int(float(pixels[c, y, x]) * 255) % 256 for c in range(3)]
+                counts[round(sum(0.3333 * v for v in levels))] += 1
+        out.append(-sum(c / size ** 2 * math.log2(c / size ** 2 + 1e-10) for c in counts))
+    return out
+
+
+def slow_calibrated_importance(probs: torch.Tensor, n: int, threshold: float, pixels: torch.Tensor | None = None,
+                               entropy_weight: float = 0.0) -> list[float]:
     """VFlowOpt's importance of the last n keys: A = head mean of probs [H, S, S]; r_j = mean_i A_ij;
-    G = {i : r_i > t mean(r)} (all rows if none); I_j = mean_{i in G} A_ij."""
+    G = {i : r_i > t mean(r)} (all rows if none); I_j = mean_{i in G} A_ij, plus entropy_weight x
+    the softmax over the patches of their pixel entropy."""
     seq, heads = probs.shape[-1], probs.shape[0]
     lead = seq - n
     a = [[sum(float(probs[h, i, j]) for h in range(heads)) / heads for j in range(seq)] for i in range(seq)]
     r = [sum(a[i][j] for i in range(seq)) / seq for j in range(seq)]
     group = [i for i in range(seq) if r[i] > threshold * sum(r) / seq] or list(range(seq))
-    return [sum(a[i][lead + j] for i in group) / len(group) for j in range(n)]
+    importance = [sum(a[i][lead + j] for i in group) / len(group) for j in range(n)]
+    if entropy_weight:
+        entropy = slow_patch_entropy(pixels, n)
+        total = sum(math.exp(h - max(entropy)) for h in entropy)
+        importance = [i + entropy_weight * math.exp(h - max(entropy)) / total for i, h in zip(importance, entropy)]
+    return importance
 
 
-def slow_vflowopt(features: torch.Tensor, probs: torch.Tensor, n_keep: int, threshold: float, cell: float):
+def slow_vflowopt(features: torch.Tensor, probs: torch.Tensor, n_keep: int, threshold: float, cell: float,
+                  pixels: torch.Tensor | None = None, entropy_weight: float = 0.0):
     """VFlowOpt from its description, one image: probs [H, S, S] of the scoring vision layer, the
     last N keys the patches (raster order, square grid). A = head mean; r_j = mean_i A_ij; G = {i :
     r_i > t mean(r)} (all rows if none); I_j = mean_{i in G} A_ij. C = ceil(side / a)^2 cells; the
@@ -372,7 +398,7 @@ def slow_vflowopt(features: torch.Tensor, probs: torch.Tensor, n_keep: int, thre
     by I, into its highest-I one; cells with nothing pruned are made up by the highest-I pruned
     non-carriers, kept as themselves. Returns (kept local indices, their values)."""
     n = features.shape[0]
-    imp = slow_calibrated_importance(probs, n, threshold)
+    imp = slow_calibrated_importance(probs, n, threshold, pixels, entropy_weight)
     side = math.isqrt(n)
     per_side = math.ceil(side / cell)
     cell_of = [math.floor((j // side) / cell) * per_side + math.floor((j % side) / cell) for j in range(n)]
@@ -546,10 +572,11 @@ class HookReference:
                         kept, values = slow_aim_merge(embeds[b, cands], stage["n_keep"])
                     elif stage["kind"] == "vflowopt":
                         probs = state["vision"][stage.get("vision_layer", state["feature"])][b]
+                        image = (pixel_values[b], stage["entropy_weight"])
                         kept, values = slow_vflowopt(embeds[b, cands], probs, stage["n_keep"], stage["threshold"],
-                                                     stage["cell"])
+                                                     stage["cell"], *image)
                         state.setdefault("importance", []).append(
-                            slow_calibrated_importance(probs, len(cands), stage["threshold"]))  # by patch id
+                            slow_calibrated_importance(probs, len(cands), stage["threshold"], *image))  # by patch id
                     else:
                         feature = state["vision"][state["feature"]]
                         cls = feature[b, :, 0].sum(dim=0)[lead:].tolist()

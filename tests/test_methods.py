@@ -396,10 +396,13 @@ def test_vflowopt_matches_its_description(batch, side, cell, n_keep, threshold):
     n_keep = min(n_keep, n)
     q, k = _qk(batch, 2, 2, n + 1, seed=side + n_keep)
     features = torch.randn(batch, n, 5, generator=torch.Generator().manual_seed(side))
-    index, merged = recycle(features, n_keep, [q], [k], [None], [0.4], False, threshold=threshold, cell=cell)
+    pixels = torch.randn(batch, 3, side * 3, side * 3, generator=torch.Generator().manual_seed(n_keep)) * 1.5
+    weight = 0.0 if threshold > 1.1 else 0.02 * side  # the entropy term on, at a weight comparable to I
+    index, merged = recycle(features, n_keep, [q], [k], [None], [0.4], False, threshold=threshold, cell=cell,
+                            pixels=pixels, entropy_weight=weight)
     probs = _slow_probs(q, k, 0.4, lambda b, i, j: True)
     for b in range(batch):
-        kept, values = slow_vflowopt(features[b], probs[b], n_keep, threshold, cell)
+        kept, values = slow_vflowopt(features[b], probs[b], n_keep, threshold, cell, pixels[b], weight)
         assert index[b].tolist() == kept
         torch.testing.assert_close(merged[b].double(), torch.stack(values), atol=1e-6, rtol=0)
 
@@ -635,6 +638,12 @@ SCORE_SPECS = {
              keep: {count: 10}}
           - {site: "llm.layers[0, 2]", method: vflowopt_llm, keep: {count: [7, 4]}}
     """,
+    "vflowopt-with-pixel-entropy": """
+        pipeline:
+          - {site: projector.output, method: vflowopt, action: merge,
+             params: {threshold: 1.1, cell: 2, entropy_weight: 0.5}, keep: {count: 10}}
+          - {site: "llm.layers[1]", method: vflowopt_llm, keep: {count: 5}}
+    """,
     "iga": """
         pipeline:
           - {site: "llm.layers[0, 2]", method: iga, keep: {count: [9, 4]}}
@@ -841,3 +850,16 @@ def test_catp_stage2_scores_match_their_formulas(batch, heads, kv_heads, seq):
         for c in positions[b, 6:].tolist():
             expected = float(torch.nn.functional.cosine_similarity(h[c], demos, dim=0))
             assert abs(float(query[b, c]) - expected) < 1e-5
+
+
+def test_vflowopt_patch_entropy_matches_its_description():
+    from prunec.methods.vflowopt import patch_entropy
+    from reference import slow_patch_entropy
+
+    pixels = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(3)) * 0.8  # negatives wrap
+    pixels[1, :, :6, :6] = 0.25  # a flat patch: entropy 0
+    entropy = patch_entropy(pixels, 4)
+    for b in range(2):
+        torch.testing.assert_close(entropy[b].double(), torch.tensor(slow_patch_entropy(pixels[b], 4),
+                                                                     dtype=torch.float64), atol=1e-5, rtol=0)
+    assert float(entropy[1, 0]) < 1e-6 < float(entropy[0].min())

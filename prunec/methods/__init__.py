@@ -22,11 +22,12 @@ from typing import Any, Callable
 # transitions: each layer's sub-block inputs and outputs (attention and FFN), summed over layers;
 # text_raters: the site layer's q/k plus rater tokens chosen once from the LLM input embeddings;
 # hidden: the residual stream at the site;
+# pixels: the image input as the vision tower receives it (per-patch pixel statistics);
 # vision_importance: what a `vflowopt` stage before the LLM scored each image token, carried with the tokens;
 # image_context: the site's hidden states with every image token marked, the query image's token count and
 #   the validity mask (plus `layer_attention` where the method also names layers).
 SIGNALS = ("attention_qk", "next_layer_qk", "instruction_qk", "cls_attention", "layer_attention", "transitions",
-           "text_raters", "hidden", "image_context", "vision_importance")
+           "text_raters", "hidden", "image_context", "vision_importance", "pixels")
 QK_SIGNALS = frozenset({"attention_qk", "next_layer_qk", "instruction_qk", "cls_attention", "layer_attention",
                         "text_raters"})
 NEXT_LAYER_SIGNALS = frozenset({"next_layer_qk", "instruction_qk"})

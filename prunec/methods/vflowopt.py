@@ -16,9 +16,12 @@ and revives one carrier per non-empty cell, so its count varies by one or two pe
 keeps the top `n_keep - cells` patches by I directly and tops up cells without pruned patches
 with the next highest-I pruned patches (kept as themselves, out of their cell's average), so every
 row keeps exactly `n_keep`. An empty G (no query passes the threshold) falls back to every query
-(the official code takes a mean over the empty set, NaN). The pixel-entropy term is off (alpha_v = 0)
-in every released config and is not implemented (the code computes it on the normalized pixels
-cast to uint8, wrapping negative values).
+(the official code takes a mean over the empty set, NaN).
+Pixel entropy (`entropy_weight`, the code's alpha_v; 0 in every released config, the default here):
+I_j += alpha_v x softmax over the image's patches of H_j, H_j the base-2 entropy of the 256-bin
+histogram of patch j's grey levels. As in the code (`SigLipVisionEmbeddings.forward`), the levels
+come from the pixel values the vision tower receives (normalized), times 255 and cast to 8 bits
+(truncated, negatives wrapping), grey = round(0.3333 x (R + G + B)).
 
 In-LLM stages (`vflowopt_llm`, official `Qwen2Model.forward_illava`): at the chosen LLM layers the
 remaining image tokens are ranked by the same vision importance I, computed once before the LLM
@@ -47,12 +50,35 @@ def calibrated_importance(probs: torch.Tensor, n: int, threshold: float) -> torc
     return torch.einsum("bi,bij->bj", weights, mean_heads)[:, -n:]
 
 
+def patch_entropy(pixels: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] base-2 entropy of each patch's grey-level histogram (pixels: [B, 3, H, W], n patches on
+    a square grid, raster order)."""
+    side = math.isqrt(n)
+    levels = torch.trunc(pixels.float() * 255).long() % 256  # the code's uint8 cast
+    grey = torch.round((levels.float() * 0.3333).sum(dim=1)).long()  # [B, H, W]
+    size = grey.shape[-1] // side
+    patches = grey.unfold(1, size, size).unfold(2, size, size).reshape(grey.shape[0], n, size * size)
+    counts = torch.zeros(grey.shape[0], n, 256, device=grey.device).scatter_add_(
+        2, patches, torch.ones(patches.shape, device=grey.device))
+    p = counts / (size * size)
+    return -(p * torch.log2(p + 1e-10)).sum(dim=-1)
+
+
+def vision_scores(qs, ks, masks, scales, is_causal: bool, n: int, threshold: float, pixels: torch.Tensor | None,
+                  entropy_weight: float) -> torch.Tensor:
+    """[B, n] the importance I of the patches (the last n keys of the scoring layer)."""
+    importance = calibrated_importance(attention_probs(qs[0], ks[0], masks[0], scales[0], is_causal), n, threshold)
+    if entropy_weight:
+        importance = importance + entropy_weight * torch.softmax(patch_entropy(pixels, n), dim=-1)
+    return importance
+
+
 def importance_over_sequence(qs, ks, masks, scales, is_causal: bool, candidates: torch.Tensor, n_candidates: int,
-                             threshold: float = 39.26) -> torch.Tensor:
+                             threshold: float = 39.26, pixels: torch.Tensor | None = None,
+                             entropy_weight: float = 0.0) -> torch.Tensor:
     """[B, S] the importance I of each candidate (image token) at its sequence position, 0 elsewhere
     (qs/ks: the scoring vision layer's; its last n_candidates keys are the candidates in order)."""
-    probs = attention_probs(qs[0], ks[0], masks[0], scales[0], is_causal)
-    importance = calibrated_importance(probs, n_candidates, threshold)
+    importance = vision_scores(qs, ks, masks, scales, is_causal, n_candidates, threshold, pixels, entropy_weight)
     positions = candidates.nonzero()[:, 1].view(candidates.shape[0], n_candidates)
     return torch.zeros(candidates.shape, device=importance.device).scatter(1, positions, importance)
 
@@ -69,11 +95,12 @@ def cells_of(n: int, cell: float, device) -> tuple[torch.Tensor, int]:
 
 
 def recycle(features: torch.Tensor, n_keep: int, qs, ks, masks, scales, is_causal: bool,
-            threshold: float = 39.26, cell: float = 17.39) -> tuple[torch.Tensor, torch.Tensor]:
-    """features: [B, N, D] patch tokens; qs/ks: the chosen vision layer's, over [lead + N] keys.
-    Returns ([B, n_keep] sorted kept indices, [B, n_keep, D] their values)."""
+            threshold: float = 39.26, cell: float = 17.39, pixels: torch.Tensor | None = None,
+            entropy_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """features: [B, N, D] patch tokens; qs/ks: the chosen vision layer's, over [lead + N] keys;
+    pixels: the vision tower's input. Returns ([B, n_keep] sorted kept indices, [B, n_keep, D] their values)."""
     n = features.shape[1]
-    importance = calibrated_importance(attention_probs(qs[0], ks[0], masks[0], scales[0], is_causal), n, threshold)
+    importance = vision_scores(qs, ks, masks, scales, is_causal, n, threshold, pixels, entropy_weight)
     cell_id, n_cells = cells_of(n, cell, features.device)
     if n_keep < n_cells:
         raise ValueError(f"vflowopt keeps {n_keep} tokens, fewer than its {n_cells} grid cells")
@@ -105,7 +132,7 @@ register_method(MethodInfo(
     name="vflowopt",
     action="merge",
     kind="merge",
-    signals=("hidden", "layer_attention"),
+    signals=("hidden", "layer_attention", "pixels"),
     fn=recycle,
     attention_layers=lambda params, scoring: [params.get("vision_layer", scoring)],
     layer_params=("vision_layer",),
@@ -120,9 +147,12 @@ register_method(MethodInfo(
                           "description": "t: queries receiving more than t x the mean attention form G (39.26)"},
             "cell": {"type": "number", "exclusiveMinimum": 0,
                      "description": "a: grid cell side in patches for recycling (17.39)"},
+            "entropy_weight": {"type": "number", "minimum": -1, "maximum": 1,
+                               "description": "alpha_v: weight of the softmaxed patch pixel entropy (0 in every "
+                                              "released config)"},
         },
     },
-    defaults={"threshold": 39.26, "cell": 17.39},
+    defaults={"threshold": 39.26, "cell": 17.39, "entropy_weight": 0.0},
     default_positions="renumber",
     domains=("llm",),
     layer_domains=(),
