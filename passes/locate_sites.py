@@ -7,6 +7,7 @@ from torch import fx
 from prunec.adapters.base import module_paths
 from prunec.context import CompileContext, StageRecord
 from prunec.errors import BuildError
+from prunec.graph_meta import captured, stamp_captured
 from prunec.methods import NEXT_LAYER_SIGNALS, get_method, stage_signals, terms
 
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -74,6 +75,7 @@ def _attention_at(gm: fx.GraphModule, ctx: CompileContext, stage, layer: int) ->
 
 def locate_sites(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Guarantees: one StageRecord per stage, with anchor, site value and token size set."""
+    stamp_captured(gm)
     domains = ctx.adapter.domains()
     checked: set[str] = set()
     summed_through: dict[tuple[str, str], int] = {}  # (domain, method) -> last layer an earlier stage summed
@@ -119,7 +121,7 @@ def locate_sites(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 record.next_attention = sdpa[0]
         else:
             record.anchor, record.site_value = ctx.adapter.output_cut(gm, stage.site)
-        record.token_size = record.site_value.meta["val"].shape[1]
+        record.token_size = captured(record.site_value).shape[1]
         if not isinstance(record.token_size, torch.SymInt):
             raise BuildError(f"site {stage.site}: the token axis is static in the captured graph, so "
                              "it cannot be told apart from other sizes")
@@ -130,4 +132,5 @@ def locate_sites(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             except ValueError as exc:
                 raise BuildError(f"site {stage.site}: {exc}") from None
         ctx.records.append(record)
+    ctx.report("locate_sites", sites=len(ctx.records))
     return gm

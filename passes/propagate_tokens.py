@@ -2,9 +2,15 @@
 
 Every value defined before the cut and read after it is rewritten for the tail: the residual stream
 becomes the gathered one; any tensor with token axes (rotary cos/sin, 4-D masks on rows and
-columns, position ids, candidate masks of later stages) is gathered along those axes, or, for
-position-derived tensors under `positions: renumber`, cut to its first K entries; the sequence-length
-SymInt becomes K. A value that depends on the sequence length in any other way stops the build.
+columns, position ids, candidate masks of later stages, mRoPE tables `[3, B, S, d]`) is gathered
+along those axes, wherever its batch axis sits; the sequence-length SymInt becomes K. Under
+`positions: renumber`, position-derived tensors (those the model's rotary module computes) are
+computed again by a copy of that module's nodes from renumbered position ids (`renumber_positions`:
+each row's first position, then one more per kept token), as if the pruned sequence had been the
+input. A value that depends on the sequence length in any other way stops the build.
+
+Token axes are recognised by the captured sequence symbol (`graph_meta.captured`), on any axis; the
+batch axis by the captured batch symbol (or a leading 1 that broadcasts).
 """
 from __future__ import annotations
 
@@ -14,17 +20,37 @@ from torch import fx
 from prunec.adapters.base import module_paths
 from prunec.context import ROLE, CompileContext, StageRecord
 from prunec.errors import BuildError
+from prunec.graph_meta import CAPTURED, captured, refresh_fake_values
 
 _OPS = torch.ops.prunec
-POSITIONS_TABLE = "prunec_positions_table"  # meta: the model's full-length table a positional value came from
+POSITIONS_TABLE = "prunec_positions_table"  # meta: the model's own full-length value a positional one came from
 
 
-def _is_token_size(size, token_size) -> bool:
-    return isinstance(size, torch.SymInt) and size.node.expr == token_size.node.expr
+def _same_symbol(size, symbol) -> bool:
+    return isinstance(size, torch.SymInt) and isinstance(symbol, torch.SymInt) and size.node.expr == symbol.node.expr
 
 
 def _mentions_tokens(value, token_size) -> bool:
     return isinstance(value, torch.SymInt) and bool(value.node.expr.free_symbols & token_size.node.expr.free_symbols)
+
+
+def token_axes(value: torch.Tensor, token_size, batch_size, name: str, site: str) -> tuple[list[int], int | None]:
+    """(token axes, batch axis) of a captured value: token axes by the sequence symbol on any axis;
+    the batch axis by the batch symbol, else a leading 1 (broadcast). No token axes: ([], None)."""
+    dims = [d for d in range(value.ndim) if _same_symbol(value.shape[d], token_size)]
+    odd = [d for d in range(value.ndim) if d not in dims and _mentions_tokens(value.shape[d], token_size)]
+    if odd:
+        raise BuildError(f"site {site}: {name} has shape {tuple(value.shape)}, whose dims {odd} depend on the "
+                         "sequence length in a way prunec cannot rewrite")
+    if not dims:
+        return [], None
+    batch = [d for d in range(value.ndim) if d not in dims and _same_symbol(value.shape[d], batch_size)]
+    if batch:
+        return dims, batch[0]
+    if 0 not in dims and value.shape[0] == 1:
+        return dims, 0
+    raise BuildError(f"site {site}: {name} has shape {tuple(value.shape)}: token axes {dims} but no batch axis, so "
+                     "rows cannot keep different tokens")
 
 
 def _tail_inputs(graph: fx.Graph, record: StageRecord) -> tuple[list[fx.Node], set[fx.Node]]:
@@ -44,19 +70,81 @@ def _is_positional(node: fx.Node, rotary_path: str | None) -> bool:
     return rotary_path is not None and any(p.startswith(rotary_path) for p in module_paths(node))
 
 
+class _Tail:
+    """Inserts a stage's rewrites one after another after its block."""
+
+    def __init__(self, graph: fx.Graph, record: StageRecord):
+        self.graph, self.record, self.last = graph, record, record.block_end
+        self.batch_size = captured(record.site_value).shape[0]
+        self.added: list[fx.Node] = []
+        self.renumbered: dict[fx.Node, fx.Node] = {}  # model's positional node -> its recomputation
+
+    def add(self, target, args, like: fx.Node | None, role: str = "gather") -> fx.Node:
+        with self.graph.inserting_after(self.last):
+            node = self.graph.call_function(target, tuple(args))
+        if like is not None:
+            node.meta.update({k: v for k, v in like.meta.items() if k in ("nn_module_stack", CAPTURED)})
+        node.meta[ROLE] = role
+        self.last = node
+        self.added.append(node)
+        return node
+
+    def renumber(self, node: fx.Node, rotary_path: str) -> fx.Node:
+        """The model's own positional value `node`, computed again from renumbered position ids by a
+        copy of the rotary module's nodes it depends on."""
+        if node in self.renumbered:
+            return self.renumbered[node]
+        site, token_size = self.record.stage.site, self.record.token_size
+        span = [n for n in self.graph.nodes if _is_positional(n, rotary_path) and ROLE not in n.meta]
+        inside, needed, stack = set(span), set(), [node]
+        while stack:
+            current = stack.pop()
+            if current in inside and current not in needed:
+                needed.add(current)
+                stack.extend(current.all_input_nodes)
+        env: dict[fx.Node, object] = {}
+        for original in span:  # graph order
+            if original not in needed:
+                continue
+            for arg in original.all_input_nodes:
+                if arg in inside or arg in env:
+                    continue
+                value = captured(arg)
+                if isinstance(value, torch.SymInt) and _same_symbol(value, token_size):
+                    env[arg] = self.record.kept_len
+                elif isinstance(value, torch.Tensor):
+                    dims, _ = token_axes(value, token_size, self.batch_size, arg.name, site)
+                    if dims and value.is_floating_point():
+                        raise BuildError(f"site {site}: positions: renumber recomputes {node.name} from the "
+                                         f"position ids, but it also reads {arg.name}, a per-token tensor")
+                    if len(dims) > 1:
+                        raise BuildError(f"site {site}: positions: renumber needs one token axis in {arg.name}, "
+                                         f"found {dims}")
+                    if dims:
+                        env[arg] = self.add(_OPS.renumber_positions.default, (arg, self.record.kept_len, dims),
+                                            arg, role="positions")
+            with self.graph.inserting_after(self.last):
+                copy = self.graph.node_copy(original, lambda n: env.get(n, n))
+            copy.meta[ROLE] = "positions"
+            self.last = env[original] = copy
+            self.added.append(copy)
+            self.renumbered[original] = copy
+        return env[node]
+
+
 def _propagate_stage(gm: fx.GraphModule, record: StageRecord, rotary_path: str | None) -> None:
     graph, stage = gm.graph, record.stage
     externals, tail = _tail_inputs(graph, record)
     in_tail = tail.__contains__
-    last = record.block_end
+    rewrite = _Tail(graph, record)
     for node in externals:
         if node is record.site_value:
             node.replace_all_uses_with(record.gathered, delete_user_cb=in_tail)
             record.propagated.append(f"{node.name}: residual stream")
             continue
-        value = node.meta.get("val")
+        value = captured(node)
         if isinstance(value, torch.SymInt):
-            if _is_token_size(value, record.token_size):
+            if _same_symbol(value, record.token_size):
                 node.replace_all_uses_with(record.kept_len, delete_user_cb=in_tail)
                 record.propagated.append(f"{node.name}: sequence length")
             elif _mentions_tokens(value, record.token_size):
@@ -65,40 +153,33 @@ def _propagate_stage(gm: fx.GraphModule, record: StageRecord, rotary_path: str |
             continue
         if not isinstance(value, torch.Tensor):
             continue
-        dims = [d for d in range(1, value.ndim) if _is_token_size(value.shape[d], record.token_size)]
-        odd = [d for d in range(value.ndim) if d not in dims and _mentions_tokens(value.shape[d], record.token_size)]
-        if odd:
-            raise BuildError(f"site {stage.site}: {node.name} has shape {tuple(value.shape)}, whose dims {odd} "
-                             "depend on the sequence length in a way prunec cannot rewrite")
+        dims, batch_dim = token_axes(value, record.token_size, rewrite.batch_size, node.name, stage.site)
         if not dims:
             continue
         positional = _is_positional(node, rotary_path)
-        with graph.inserting_after(last):
-            if stage.positions == "renumber" and positional:
-                # positions 0..K-1: the first K rows of the table the model built for 0..S-1 (not of
-                # a table an earlier keep_original stage already gathered)
-                new = node.meta.get(POSITIONS_TABLE, node)
-                for dim in dims:
-                    with graph.inserting_after(last):
-                        new = graph.call_function(torch.ops.aten.slice.Tensor, (new, dim, 0, record.kept_len))
-                    last = new
-                how = "first K positions"
-            else:
-                new = graph.call_function(_OPS.gather_tokens.default, (node, record.index, dims))
-                how = f"gathered on dims {dims}"
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack")})
+        if stage.positions == "renumber" and positional:
+            new = rewrite.renumber(node.meta.get(POSITIONS_TABLE, node), rotary_path)
+            how = "recomputed from renumbered positions"
+        else:
+            new = rewrite.add(_OPS.gather_tokens.default, (node, record.index, dims, batch_dim), node)
+            how = f"gathered on dims {dims}" + (f" (batch axis {batch_dim})" if batch_dim else "")
         if positional:
             new.meta[POSITIONS_TABLE] = node.meta.get(POSITIONS_TABLE, node)
-        new.meta[ROLE] = "gather"
-        last = new
         node.replace_all_uses_with(new, delete_user_cb=in_tail)
         record.propagated.append(f"{node.name}: {how}")
+    return rewrite.added
 
 
 def propagate_tokens(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    """Guarantees: no node after a cut reads a pre-cut value of the full sequence length."""
+    """Guarantees: no node after a cut reads a pre-cut value of the full sequence length; every
+    node's `meta["val"]` holds its pruned shape."""
     domains = ctx.adapter.domains()
+    added: list[fx.Node] = []
     for record in ctx.records:  # in graph order, so a later stage sees the earlier stage's tensors
-        _propagate_stage(gm, record, domains[record.stage.domain].rotary_path)
+        added += _propagate_stage(gm, record, domains[record.stage.domain].rotary_path)
+    changed = added + [r.gathered for r in ctx.records] + [r.kept_len for r in ctx.records]
+    recomputed = refresh_fake_values(gm, changed)
+    ctx.report("propagate_tokens", values_rewritten=sum(len(r.propagated) for r in ctx.records),
+               nodes_added=len(added), fake_values_recomputed=recomputed)
     gm.recompile()
     return gm

@@ -130,6 +130,10 @@ def load_module(path: str | Path, member: str = "model.pt2") -> torch.nn.Module:
 
     from .kernels import WithBackend
 
+    if Path(path).is_dir():
+        from .provenance import check_code
+
+        check_code(Path(path), read_manifest(Path(path)))
     module = load_program(path, member).module()
     lock = Path(path) / "spec.lock.yaml"
     mode = yaml.safe_load(lock.read_text()).get("backend", "auto") if lock.is_file() else "auto"

@@ -10,17 +10,18 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
+from .schedule import scaled_counts
 from .spec import Stage
 
 
 def scaled(stages: tuple[Stage, ...], factor: float) -> tuple[Stage, ...]:
-    """Every stage's count x factor (rounded half up), chained so each fits what reaches it."""
-    out, reaching = [], stages[0].n_candidates if stages else 0
-    for stage in stages:
-        count = 0 if stage.n_keep == 0 else max(1, min(reaching, int(stage.n_keep * factor + 0.5)))
-        out.append(replace(stage, keep_spec=("count", count), n_candidates=reaching, n_keep=count))
-        reaching = count
-    return tuple(out)
+    """Every stage's count x factor (`schedule.scaled_counts`), chained so each fits what reaches it."""
+    if not stages:
+        return ()
+    counts = scaled_counts([s.n_keep for s in stages], stages[0].n_candidates, factor)
+    reaching = [stages[0].n_candidates] + counts[:-1]
+    return tuple(replace(stage, keep_spec=("count", count), n_candidates=available, n_keep=count)
+                 for stage, count, available in zip(stages, counts, reaching))
 
 
 def _top(stages: tuple[Stage, ...]) -> float:

@@ -15,6 +15,7 @@ from .capture import capture
 from .context import CompileContext
 from .errors import BuildError, PrunecError
 from .passes import PIPELINE
+from .schedule import min_tokens
 from .spec import Plan
 
 
@@ -32,16 +33,6 @@ def example_shape(plan: Plan) -> ExampleShape:
     and the emitted module must accept any batch."""
     inputs = plan.lock["inputs"]
     return ExampleShape(max(2, inputs["batch"]), inputs.get("seq_len"), inputs.get("image_size"), inputs.get("images", 1))
-
-
-def min_tokens(plan: Plan) -> int:
-    """Shortest input sequence the pruned program accepts: every drop still leaves 2 tokens."""
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    for stage in plan.stages:
-        first.setdefault(stage.domain, stage.n_candidates)
-        last[stage.domain] = stage.n_keep
-    return max([2] + [first[d] - last[d] + 2 for d in first])
 
 
 def compile_plan(plan: Plan, model: torch.nn.Module, on_step: Callable[[str], None] | None = None) -> Compiled:

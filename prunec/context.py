@@ -9,13 +9,12 @@ import torch
 from torch import fx
 
 from .adapters.base import Adapter
+from .graph_meta import ROLE  # noqa: F401  (passes import it from here)
 from .spec import Plan, Stage
 
-# Node meta written by passes:
-#   "val": fake value of the *captured* (unpruned) shapes; inserted nodes copy their source's, so
-#          token axes are always recognised against the captured sequence length.
-#   "prunec_role": what an inserted node is ("candidates", "score", "select", "gather", "kept_len").
-ROLE = "prunec_role"
+# Node meta written by passes (see graph_meta.py for "val" and "prunec_captured"):
+#   "prunec_role": what an inserted node is ("candidates", "score", "select", "gather", "kept_len",
+#                  "positions").
 
 
 @dataclass
@@ -52,3 +51,7 @@ class CompileContext:
     dynamic_shapes: tuple
     records: list[StageRecord] = field(default_factory=list)
     program: torch.export.ExportedProgram | None = None
+    pass_reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # pass -> what it did (manifest)
+
+    def report(self, pass_name: str, **counts: Any) -> None:
+        self.pass_reports.setdefault(pass_name, {}).update(counts)

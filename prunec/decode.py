@@ -30,16 +30,6 @@ _VIEWS = {torch.ops.aten.reshape.default, torch.ops.aten.expand.default, torch.o
           torch.ops.aten.clone.default, torch.ops.aten.view.default}
 
 
-def position_offset(plan: Plan) -> int:
-    """Tokens dropped up to the last stage that renumbers positions (pre-LLM stages renumber)."""
-    offset = dropped = 0
-    for stage in plan.stages:
-        dropped += stage.n_candidates - stage.n_keep
-        if stage.positions == "renumber":
-            offset = dropped
-    return offset
-
-
 def cache_lengths(plan: Plan) -> list[int]:
     """Entries each decoder layer's cache holds after prefill, per row, at the spec's inputs."""
     from .flops import domain_lengths

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .flops import estimate
+from .schedule import tokens_at_end
 from .spec import Plan, Stage
 
 _NOT_SEMANTIC = ("name", "description", "output")  # change the artifact, not the computation
@@ -68,11 +69,9 @@ def consequences(a: Plan, b: Plan) -> list[str]:
     """What the differences do: tokens reaching the end of each domain, and prefill FLOPs."""
     lines = []
     for plan_name, plan in (("A", a), ("B", b)):
-        inputs = plan.lock["inputs"]
         ends = []
         for domain in plan.adapter.domains():
-            tokens = plan.adapter.tokens_at_input(domain, inputs)
-            tokens -= sum(s.n_candidates - s.n_keep for s in plan.stages if s.domain == domain)
+            tokens = tokens_at_end(plan, domain)
             ends.append(f"{domain} ends with {tokens} tokens")
         lines.append(f"{plan_name}: {', '.join(ends)}; prefill FLOPs {estimate(plan)['ratio']:.1%} of unpruned")
     return lines

@@ -16,13 +16,21 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from .spec import Plan
 
 _OPS = torch.ops.prunec
-SUPPORTED_METHODS = ("divprune", "fastv", "pyramiddrop")
+
+
+def _way(stage) -> str | None:
+    """How the eager way scores a stage (`MethodInfo.eager_way`): from the layer's materialised
+    probabilities, from the next layer's recomputed rows, or by the method's selection before the LLM."""
+    from .methods import get_method
+
+    return get_method(stage.method).eager_way
 
 
 def unsupported_reason(plan: Plan) -> str | None:
     if plan.adapter.family != "llava":
         return f"the eager-attention way is implemented for LLaVA, not {plan.adapter.family}"
-    methods = {s.method for s in plan.stages} - set(SUPPORTED_METHODS)
+    methods = {s.method for s in plan.stages if _way(s) is None
+               or (_way(s) == "select_before_llm") != (s.layer is None)}
     if methods:
         return f"the eager-attention way has no hooks for {', '.join(sorted(methods))}"
     return None
@@ -50,7 +58,7 @@ class EagerWay:
 
         def before_llm(module, args, kwargs):
             stage = pre_llm[0]
-            index = _OPS.select_divprune(kwargs["inputs_embeds"], state.candidates, stage.n_candidates, stage.n_keep)
+            index = _select_before_llm(stage, kwargs["inputs_embeds"], state.candidates)
             kwargs["inputs_embeds"] = _OPS.gather_tokens(kwargs["inputs_embeds"], index, [1])
             kwargs["attention_mask"] = _OPS.gather_tokens(kwargs["attention_mask"], index, [1])
             state.candidates = _OPS.gather_tokens(state.candidates, index, [1])
@@ -74,13 +82,13 @@ class EagerWay:
             stage = stages.get(len(lm.layers) - 1)
             if stage is None:
                 return None
-            return (state.cut(stage, _fastv_scores(stage, state), args[0]),)
+            return (state.cut(stage, _probability_scores(stage, state), args[0]),)
 
         try:
             if pre_llm:
                 handles.append(lm.register_forward_pre_hook(before_llm, with_kwargs=True))
             for layer, stage in stages.items():
-                if stage.method == "fastv":
+                if _way(stage) == "attention_probabilities":
                     handles.append(lm.layers[layer].self_attn.register_forward_hook(keep_attention))
             for i, layer in enumerate(lm.layers):
                 handles.append(layer.register_forward_pre_hook(before_layer(i), with_kwargs=True))
@@ -93,9 +101,10 @@ class EagerWay:
                 handle.remove()
 
     def _scores(self, stage, state, layer, hidden, kwargs):
-        if stage.method == "fastv":
-            return _fastv_scores(stage, state)
-        # PyramidDrop's official scoring: the next layer's q (last token) and k on the current hidden states
+        if _way(stage) == "attention_probabilities":
+            return _probability_scores(stage, state)
+        # next_layer_rows (PyramidDrop's official scoring): the next layer's q (last token) and k on the
+        # current hidden states
         attn = layer.self_attn
         current = state.view(kwargs)
         mask, (cos, sin) = current["attention_mask"], current["position_embeddings"]
@@ -108,9 +117,19 @@ class EagerWay:
         return _OPS.attention_received(q, k, mask, attn.scaling, False, "last")
 
 
-def _fastv_scores(stage, state):
+def _probability_scores(stage, state):
     probs = state.attention.float().mean(dim=1)  # head mean
     return probs[:, -1] if stage.param_dict["query"] == "last" else probs.mean(dim=1)
+
+
+def _select_before_llm(stage, embeds, candidates):
+    """The stage method's own selection on the LLM input, as the emitted module runs it."""
+    from .candidates import candidate_positions, candidate_rows, keep_indices
+    from .methods import get_method
+
+    positions = candidate_positions(candidates, stage.n_candidates)
+    local = get_method(stage.method).fn(candidate_rows(embeds, positions), stage.n_keep, **dict(stage.params))
+    return keep_indices(candidates, positions, local)
 
 
 class _CutState:

@@ -29,6 +29,8 @@ from .compiler import Compiled
 from .errors import BuildError
 from .flops import estimate
 from .models import model_identity
+from .provenance import code_record
+from .schedule import stage_tokens
 from .semantics import dump_lock
 
 MANIFEST_VERSION = 1
@@ -63,9 +65,8 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
     records = {r.stage.site: r for r in compiled.context.records}
     inputs = plan.lock["inputs"]
     stages = []
-    tokens = {name: plan.adapter.tokens_at_input(name, inputs) for name in plan.adapter.domains()}
-    for stage in plan.stages:
-        dropped = stage.n_candidates - stage.n_keep
+    for t in stage_tokens(plan):
+        stage = t.stage
         stages.append({
             "site": stage.site,
             "method": stage.method,
@@ -73,13 +74,13 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
             "params": stage.param_dict,
             "positions": stage.positions,
             "protect": list(stage.protect),
-            "candidates_in": stage.n_candidates,
-            "candidates_kept": stage.n_keep,
-            "tokens_in": tokens[stage.domain],
-            "tokens_out": tokens[stage.domain] - dropped,
+            "rounding": stage.rounding,
+            "candidates_in": t.candidates_in,
+            "candidates_kept": t.candidates_kept,
+            "tokens_in": t.tokens_in,
+            "tokens_out": t.tokens_out,
             "carried": records[stage.site].propagated,
         })
-        tokens[stage.domain] -= dropped
     data = {
         "prunec_manifest": MANIFEST_VERSION,
         "name": plan.spec.name,
@@ -94,6 +95,8 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
         "stages": stages,
         "flops": estimate(plan),
         "graph": {"nodes": len(graph.nodes), "prunec_ops": dict(sorted(ops.items()))},
+        "passes": compiled.context.pass_reports,
+        "code": code_record(plan),
         "weights_sha256": weights_digest(compiled.program),
         "files": {**programs, "module.py": _sha256(module_code.encode()),
                   "spec.lock.yaml": _sha256(lock_text.encode())},
@@ -104,7 +107,8 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
 
 
 def decode_manifest(plan) -> dict:
-    from .decode import cache_lengths, kv_cache_bytes, position_offset
+    from .decode import cache_lengths, kv_cache_bytes
+    from .schedule import position_offset
 
     lengths = cache_lengths(plan)
     full = [plan.adapter.tokens_at_input("llm", plan.lock["inputs"])] * len(lengths)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .flops import estimate, layer_tokens, segments
+from .schedule import stage_tokens
 from .spec import Plan
 
 
@@ -14,17 +15,15 @@ def _table(rows: list[list[str]]) -> str:
 
 def stage_table(plan: Plan) -> str:
     inputs = plan.lock["inputs"]
-    tokens = {name: plan.adapter.tokens_at_input(name, inputs) for name in plan.adapter.domains()}
     flops = estimate(plan)
     segs = segments(plan)
     rows = [["#", "site", "method", "positions", "tokens in -> out", "candidates kept", "FLOPs share"]]
-    for i, stage in enumerate(plan.stages):
-        before = tokens[stage.domain]
-        tokens[stage.domain] -= stage.n_candidates - stage.n_keep
+    for i, t in enumerate(stage_tokens(plan)):
+        stage = t.stage
         after_macs = sum(s.macs for s in segs if _governing_stage(plan, s) is stage)
         share = after_macs / flops["baseline_macs"] if flops["baseline_macs"] else 0.0
-        rows.append([str(i), stage.site, stage.method, stage.positions, f"{before} -> {tokens[stage.domain]}",
-                     f"{stage.n_keep}/{stage.n_candidates}", f"{share:6.1%}"])
+        rows.append([str(i), stage.site, stage.method, stage.positions, f"{t.tokens_in} -> {t.tokens_out}",
+                     f"{t.candidates_kept}/{t.candidates_in}", f"{share:6.1%}"])
     text = [f"{plan.spec.name}: {plan.adapter.family} model, example inputs {_shape(inputs)}"]
     if plan.stages:
         text.append(_table(rows))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import schedule
 from .spec import Plan
 
 DECODE_TOKENS = 100  # the decode length METHODS.md 0.4 (6) cites
@@ -53,35 +54,13 @@ class Segment:
 
 
 def domain_input(plan: Plan, name: str) -> tuple[int, int]:
-    """(tokens, candidate tokens) domain `name` receives from the model's inputs, before any stage."""
-    inputs, adapter = plan.lock["inputs"], plan.adapter
-    stages = [s for s in plan.stages if s.domain == name]
-    protect = stages[0].protect if stages else adapter.protectable
-    candidates = adapter.initial_candidates_from_config(inputs, protect)
-    return adapter.tokens_at_input(name, inputs), candidates
+    """(tokens, candidate tokens) domain `name` receives from the model's inputs (`schedule`)."""
+    return schedule.domain_input(plan, name)
 
 
 def domain_lengths(plan: Plan, name: str) -> list[tuple[int, int]]:
-    """(tokens, candidate tokens) that each layer of domain `name` sees, in layer order."""
-    adapter = plan.adapter
-    tokens, candidates = domain_input(plan, name)
-    stages = [s for s in plan.stages if s.domain == name]
-    cuts = {}
-    for stage in stages:
-        if stage.layer is None and stage.site != "projector.output":
-            continue  # an encoder's output site cuts after its last layer: no layer sees the cut
-        if stage.layer is None:  # the projector's output feeds the first LLM layer
-            tokens -= stage.n_candidates - stage.n_keep
-            candidates = stage.n_keep
-        else:
-            cuts[stage.layer] = stage
-    out = []
-    for layer in range(adapter.domains()[name].num_layers):
-        out.append((tokens, candidates))
-        if layer in cuts:
-            tokens -= cuts[layer].n_candidates - cuts[layer].n_keep
-            candidates = cuts[layer].n_keep
-    return out
+    """(tokens, candidate tokens) that each layer of domain `name` sees (`schedule.layer_tokens`)."""
+    return schedule.layer_tokens(plan, name)
 
 
 def segments(plan: Plan) -> list[Segment]:

@@ -135,6 +135,9 @@ def spec_schema() -> dict[str, Any]:
                                        "or ratio of the original candidates",
                     },
                     "positions": {"enum": ["keep_original", "renumber"]},
+                    "rounding": {"enum": ["half_up", "half_even", "floor"],
+                                 "description": "how a ratio budget becomes a count (default: the method's "
+                                                "official code: `prunec methods NAME`)"},
                     "protect": {"type": "array", "uniqueItems": True,
                                 "items": {"enum": ["text", "cls"]}},
                 },

@@ -2,7 +2,6 @@
 Plan: the adapter, and stages with site lists expanded and budgets turned into counts."""
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -11,6 +10,7 @@ import jsonschema
 import yaml
 
 from .errors import BuildError, SpecError
+from .schedule import method_rounding, ratio_count
 from .spec import Plan, Spec, Stage, _pointer, _schema_error
 from .yaml_loader import PositionedDoc
 
@@ -39,9 +39,9 @@ def _budget_values(keep: dict, n_sites: int, pointer: str, spec: Spec) -> list[t
     return [(kind, value)] * n_sites
 
 
-def resolve_count(kind: str, value: Any, original: int) -> int:
-    """Candidates kept: a count as written, or round-half-up of ratio x original candidates."""
-    return int(value) if kind == "count" else int(math.floor(value * original + 0.5))
+def resolve_count(kind: str, value: Any, original: int, rounding: str) -> int:
+    """Candidates kept: a count as written, or ratio x original candidates under `rounding`."""
+    return int(value) if kind == "count" else ratio_count(value, original, rounding)
 
 
 def resolve(spec: Spec) -> Plan:
@@ -74,27 +74,15 @@ def resolve(spec: Spec) -> Plan:
     return Plan(spec, adapter, stages, _lock(spec.data, model_src, inputs, list(stages), spec))
 
 
-def _check_tome_budget(spec: Spec, ptr: str, kind: str, adapter, protect, available: int, n_keep: int) -> None:
-    """ToMe's bipartite matching merges only A tokens (even positions among the candidates, which
-    follow the protected leading tokens), each into one B token: at most |A| per stage."""
-    first = adapter.leading_tokens() if "cls" in protect else 0
-    n_a = (first + available + 1) // 2 - (first + 1) // 2
-    if available - n_keep > n_a:
-        raise SpecError(f"tome merges at most {n_a} of {available} tokens in one stage (one per A token of the "
-                        f"bipartite split), asked to merge {available - n_keep}; spread the reduction over more "
-                        "layers", spec.locate(f"{ptr}/keep/{kind}"))
-
-
-def _check_vflowopt_budget(spec: Spec, ptr: str, kind: str, params: dict, available: int, n_keep: int) -> None:
-    """VFlowOpt recycles into one carrier per grid cell: a square grid, and at least one token per cell."""
-    side = math.isqrt(available)
-    if side * side != available:
-        raise SpecError(f"vflowopt recycles over a square patch grid; {available} candidates are not one",
-                        spec.locate(f"{ptr}/site"))
-    cells = math.ceil(side / params["cell"]) ** 2
-    if n_keep < cells:
-        raise SpecError(f"vflowopt keeps one token per grid cell at least: {cells} cells of {params['cell']:g} patches "
-                        f"on a {side} x {side} grid, budget {n_keep}", spec.locate(f"{ptr}/keep/{kind}"))
+def _check_method_budget(spec: Spec, ptr: str, kind: str, info, params: dict, adapter, protect, available: int,
+                         n_keep: int) -> None:
+    """A method's own budget rule (`MethodInfo.check_budget`), reported at the budget or the site."""
+    if info.check_budget is None:
+        return
+    problem = info.check_budget(params, available, n_keep, adapter, protect)
+    if problem:
+        message, where = problem
+        raise SpecError(message, spec.locate(f"{ptr}/keep/{kind}" if where == "keep" else f"{ptr}/site"))
 
 
 def _fit_budget(spec: Spec, adapter, inputs: dict, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
@@ -123,9 +111,8 @@ def _fit_budget(spec: Spec, adapter, inputs: dict, stages: tuple[Stage, ...]) ->
                         f"schedule can keep), got {target:g}", spec.locate(ptr))
     fitted = fit_layer_average(stages, target, average)
     for written, stage in zip(stages, fitted):
-        if stage.method == "tome":
-            _check_tome_budget(spec, stage.pointer, written.keep_spec[0], adapter, stage.protect, stage.n_candidates,
-                               stage.n_keep)
+        _check_method_budget(spec, stage.pointer, written.keep_spec[0], get_method(stage.method), stage.param_dict,
+                             adapter, stage.protect, stage.n_candidates, stage.n_keep)
     return fitted
 
 
@@ -198,7 +185,7 @@ def _check_entry(spec: Spec, adapter, raw: dict, ptr: str):
     if action != info.action:
         raise SpecError(f"method {info.name!r} is a {info.action} method, not {action}", spec.locate(f"{ptr}/action"))
     _check_params(spec, info, raw.get("params", {}), f"{ptr}/params")
-    if info.kind == "fuse":
+    if info.kind == "fusion":
         _check_terms(spec, raw["params"]["terms"], f"{ptr}/params/terms")
     protect = tuple(raw.get("protect", adapter.protectable))
     for item in protect:
@@ -225,13 +212,13 @@ def _check_terms(spec: Spec, items: list, ptr: str) -> None:
             info = get_method(term["method"])
         except KeyError:
             raise SpecError(f"unknown method {term['method']!r}; expected one of: "
-                            f"{', '.join(n for n in method_names() if n != 'fuse')}", spec.locate(f"{at}/method")) from None
-        if info.kind == "fuse" or (info.kind == "select" and info.score_fn is None):
-            raise SpecError(f"method {info.name!r} has no score to fuse", spec.locate(f"{at}/method"))
+                            f"{', '.join(n for n in method_names() if get_method(n).kind != 'fusion')}", spec.locate(f"{at}/method")) from None
+        if info.kind == "fusion" or info.lower_scores is None:
+            raise SpecError(f"method {info.name!r} has no score a fusion can take", spec.locate(f"{at}/method"))
         if info.action != "prune":
-            raise SpecError(f"method {info.name!r} merges tokens; only prune scores fuse", spec.locate(f"{at}/method"))
+            raise SpecError(f"method {info.name!r} merges tokens; a fusion takes prune scores only", spec.locate(f"{at}/method"))
         if info.scope:
-            raise SpecError(f"method {info.name!r} scores one image scope ({info.scope}); it does not fuse",
+            raise SpecError(f"method {info.name!r} scores one image scope ({info.scope}); a fusion cannot take it",
                             spec.locate(f"{at}/method"))
         if info.name in seen:
             raise SpecError(f"method {info.name!r} appears twice in terms", spec.locate(f"{at}/method"))
@@ -362,12 +349,10 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             available = kept.get(domain, (original, protect))[0]
             layout = images.get(domain, _ImageLayout.initial(original, inputs.get("images", 1)))
             _check_images(spec, info, layout, layer, ptr)
-            uses_importance = any(term.name == "vflowopt_llm" for term, _ in _fused(info, params))
-            if uses_importance and not any(s.method == "vflowopt" for s in stages):
-                raise SpecError("method vflowopt_llm ranks by the importance a vflowopt stage computes before the "
-                                "LLM; add one at projector.output first", spec.locate(f"{ptr}/method"))
+            _check_produced(spec, info, params, domain, stages, ptr)
             out_of_scope = layout.out_of_scope(info.scope, available)
-            n_keep = resolve_count(kind, value, layout.scope_original(info.scope, original)) + out_of_scope
+            rounding = raw.get("rounding") or method_rounding(info.name, params)
+            n_keep = resolve_count(kind, value, layout.scope_original(info.scope, original), rounding) + out_of_scope
             if n_keep > available:
                 raise SpecError(f"budget keeps {n_keep - out_of_scope} tokens but only {available - out_of_scope} "
                                 f"candidates reach {site}{layout.scope_words(info.scope)}",
@@ -381,10 +366,7 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             if n_keep < 1 and info.action == "merge":
                 raise SpecError("a merge keeps at least one token; use a prune method with `count: 0`",
                                 spec.locate(f"{ptr}/keep/{kind}"))
-            if info.name == "tome":
-                _check_tome_budget(spec, ptr, kind, adapter, protect, available, n_keep)
-            if info.name == "vflowopt":
-                _check_vflowopt_budget(spec, ptr, kind, params, available, n_keep)
+            _check_method_budget(spec, ptr, kind, info, params, adapter, protect, available, n_keep)
             _check_attention_before_cut(spec, info, params, layer, cut_after.get(domain), ptr)
             key = (_DOMAIN_ORDER.get(domain, 1), rank)
             if previous and key <= previous[0]:
@@ -396,8 +378,20 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             cut_after[domain] = layer
             stages.append(Stage(ptr, site, domain, layer, info.name, action, tuple(sorted(params.items())),
                                 positions, protect, (kind, value), available, n_keep,
-                                layout.query if info.scope else 0))
+                                layout.query if info.scope else 0, rounding))
     return tuple(stages)
+
+
+def _check_produced(spec: Spec, info, params: dict, domain: str, stages: list[Stage], ptr: str) -> None:
+    """Signals that only a stage of another method produces (`MethodInfo.produces`) need one earlier."""
+    from .methods import get_method, method_names
+
+    for term, _ in _fused(info, params):
+        for signal in term.signals:
+            producers = [n for n in method_names() if signal in get_method(n).produces]
+            if producers and not any(s.domain == domain and signal in get_method(s.method).produces for s in stages):
+                raise SpecError(f"method {term.name} reads {signal}, which a stage of {' or '.join(producers)} "
+                                "computes; add one earlier in the pipeline", spec.locate(f"{ptr}/method"))
 
 
 def _check_signals(spec: Spec, adapter, info, params: dict, domain: str, site: str, layer: int | None,
@@ -405,8 +399,13 @@ def _check_signals(spec: Spec, adapter, info, params: dict, domain: str, site: s
     """The method can get its signals at this site of this model."""
     from .adapters.base import Adapter
     from .methods import NEXT_LAYER_SIGNALS, QK_SIGNALS
+    from .signals import signal_names
 
     site_ptr = f"{ptr}/site"
+    missing = [s for s in info.signals if s not in signal_names()]
+    if missing:
+        raise SpecError(f"method {info.name} needs signal {missing[0]!r}, which no provider offers (signals: "
+                        f"{', '.join(signal_names())})", spec.locate(f"{ptr}/method"))
     if domain not in info.domains:
         raise SpecError(f"method {info.name} works in {', '.join(info.domains)} sites, not {domain}",
                         spec.locate(site_ptr))
@@ -474,7 +473,8 @@ def _lock(data: dict, model_src: dict, inputs: dict, stages: list[Stage], spec: 
         "inputs": inputs,
         "pipeline": [
             {"site": s.site, "action": s.action, "method": s.method, "params": s.param_dict,
-             "keep": {s.keep_spec[0]: s.keep_spec[1]}, "positions": s.positions, "protect": list(s.protect)}
+             "keep": {s.keep_spec[0]: s.keep_spec[1]}, "rounding": s.rounding, "positions": s.positions,
+             "protect": list(s.protect)}
             for s in stages
         ],
         "backend": data.get("backend", "auto"),

@@ -46,6 +46,7 @@ class Stage:
     n_candidates: int = 0         # candidates per row entering the stage
     n_keep: int = 0               # candidates per row kept
     query_tokens: int = 0         # image-scoped methods: the query (last) image's candidates entering the stage
+    rounding: str = "half_up"     # ratio -> count: the stage's `rounding:`, else its method's official rule
 
     @property
     def param_dict(self) -> dict[str, Any]:

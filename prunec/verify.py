@@ -62,6 +62,11 @@ def verify_artifact(artifact: str | Path, rebuild: bool = False) -> Report:
         report.check(weights_digest(load_program(artifact)) == manifest.get("weights_sha256"), "weights sha256")
         lock_plan = make_plan(artifact / "spec.lock.yaml")
         report.check(lock_plan.spec_hash == manifest.get("spec_sha256"), "spec.lock.yaml resolves to spec_sha256")
+    from .provenance import code_changes
+
+    changes = code_changes(manifest.get("code", {}))
+    report.check(not changes, "method and runtime code unchanged since the build" + (f" ({'; '.join(changes)})"
+                                                                                    if changes else ""))
     for package, built in sorted(manifest.get("versions", {}).items()):
         running = versions().get(package)
         if running != built:

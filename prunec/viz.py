@@ -21,7 +21,6 @@ from .flops import estimate, layer_tokens
 from .ops import KEEP_INDEX_OPS
 from .spec import Plan
 
-SELECT_OPS = tuple(f"prunec.{name}.default" for name in KEEP_INDEX_OPS)
 TITLE_HEIGHT = 28
 GAP = 8
 CHART_HEIGHT = 96
@@ -39,7 +38,7 @@ def record_selections(module: fx.GraphModule, inputs: tuple) -> list[torch.Tenso
     class Recorder(fx.Interpreter):
         def run_node(self, node):
             out = super().run_node(node)
-            if node.op == "call_function" and str(node.target) in SELECT_OPS:
+            if node.op == "call_function" and str(node.target) in {f"prunec.{name}.default" for name in KEEP_INDEX_OPS}:
                 found.append(out[0] if isinstance(out, (tuple, list)) else out)  # merges: (index, ...)
             return out
 

@@ -290,7 +290,7 @@ LLAMA_PIPELINES = {
     "fastv": "[{site: 'llm.layers[1]', method: fastv, keep: {count: 6}}]",
     "fastv-all-renumber": "[{site: 'llm.layers[0]', method: fastv, params: {query: all}, keep: {count: 9},"
                           " positions: renumber}]",
-    "pyramiddrop-3-stages": "[{site: 'llm.layers[0, 1, 2]', method: pyramiddrop, keep: {ratio: [0.5, 0.25, 0.125]}}]",
+    "pyramiddrop-3-stages": "[{site: 'llm.layers[0, 1, 2]', method: pyramiddrop, keep: {ratio: [0.5, 0.3, 0.2]}}]",  # 13 x: 6, 3, 2 (int())
 }
 
 

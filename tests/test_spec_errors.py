@@ -111,7 +111,7 @@ CASES = [
      "method vflowopt_llm ranks by the importance a vflowopt stage computes before the LLM"),
     ("scoped-method-in-a-fusion", {"s.yaml": variant(replace={
         10: "    method: fuse\n    params: {terms: [{method: fastv}, {method: catp_query}]}"})}, 11,
-     "method 'catp_query' scores one image scope (query); it does not fuse"),
+     "method 'catp_query' scores one image scope (query); a fusion cannot take it"),
     ("scoped-budget-over-the-scope", {"s.yaml": variant(replace={
         7: "  seq_len: 40\n  images: 2", 10: "    method: catp_query", 11: "    keep: {count: 24}"})}, 12,
      "budget keeps 24 tokens but only 16 candidates reach llm.layers[1] in the query image"),

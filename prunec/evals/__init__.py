@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from ..errors import PrunecError
+from ..schedule import scaled_counts
 
 Batch = tuple[tuple[torch.Tensor, ...], Any]  # (model inputs, labels)
 
@@ -112,7 +113,7 @@ def task_spec(spec_data: dict, task: Task, model_dir: Path) -> dict:
 
 def rescale(data: dict, plan, keep: float) -> dict:
     """Every stage's budget scaled by one factor so the last stage that keeps candidates keeps `keep`
-    of those the first stage saw (rounded; at least 1). Stages that drop every candidate stay so.
+    of those the first stage saw (`schedule.scaled_counts`: half up, at least 1). Stages that drop every candidate stay so.
     Budgets become counts (a `budget: {layer_average}` target gives way to them)."""
     stages = list(plan.stages)
     if not stages:
@@ -125,11 +126,8 @@ def rescale(data: dict, plan, keep: float) -> dict:
         raise PrunecError("every stage drops all candidates; keep= has nothing to rescale")
     factor = keep * first / last
     counts: dict[str, list[int]] = {}
-    previous = first
-    for stage in stages:
-        count = 0 if stage.n_keep == 0 else max(1, min(previous, round(stage.n_keep * factor)))
+    for stage, count in zip(stages, scaled_counts([s.n_keep for s in stages], first, factor)):
         counts.setdefault(stage.pointer, []).append(count)
-        previous = count if stage.n_keep else previous
     data = yaml.safe_load(yaml.safe_dump(data))
     data.pop("budget", None)
     pipeline = data["pipeline"]

@@ -51,23 +51,15 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return on_device and triton_available()
 
 
-# Signals whose scoring op has a kernel (attention rows; TTV), and the selections that have one
-# (top-k in spans for any score; DivPrune's greedy loop; ToMe's match + merge).
-KERNEL_SIGNALS = {"attention_qk", "next_layer_qk", "cls_attention", "transitions"}
-KERNEL_SELECTIONS = {"divprune", "tome"}
-
-
 def kernel_gaps(method: str, params: dict) -> list[str]:
     """The methods in a stage (a fusion's terms included) whose scoring or selection has no Triton
-    kernel; empty when backend `triton` can run the stage."""
-    from ..methods import get_method
+    kernel (`MethodInfo.kernel`); empty when backend `triton` can run the stage."""
+    from ..methods import get_method, terms
 
-    if method == "fuse":
-        return [gap for term in params.get("terms", []) for gap in kernel_gaps(term["method"], term.get("params", {}))]
     info = get_method(method)
-    if method in KERNEL_SELECTIONS or (info.kind == "score" and set(info.signals) <= KERNEL_SIGNALS):
-        return []
-    return [method]
+    if info.kind == "fusion":
+        return [gap for name, term_params, _ in terms(method, params) for gap in kernel_gaps(name, term_params)]
+    return [] if info.kernel else [method]
 
 
 class WithBackend(torch.nn.Module):

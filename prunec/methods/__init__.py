@@ -3,14 +3,20 @@
 A *score* method maps signals to one score per token (higher = keep); the compiler keeps the top-k
 candidates. A *select* method returns the kept candidate indices itself (e.g. DivPrune's greedy
 max-min) and may offer a score form (`score_fn`) so it can take part in a fusion. The *fuse* method
-combines other methods' scores (`methods/fuse.py`). Methods never see a model or a graph: the
-compiler hands them tensors.
+combines other methods' scores (`methods/fuse.py`). Method functions never see a model or a graph:
+they get tensors.
+
+How a method becomes graph nodes is the method's own business: `lower_scores` / `lower_select`
+(`methods/lowerings.py` has the shared ones and the defaults by kind), `check_budget` for budget
+rules of its own, `produces` / `produce` for signals it computes for later stages. The compiler, the
+validator, the FLOPs count and the kernel dispatch call these; none of them names a method.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+# Signal names (each has a provider in prunec/signals.py):
 # attention_qk: the site layer's own post-RoPE q/k (read from its sdpa call);
 # next_layer_qk: the next layer's q (last row) and k recomputed on the site's hidden states;
 # instruction_qk: the same for every query row (the method picks the instruction rows);
@@ -26,8 +32,6 @@ from typing import Any, Callable
 # vision_importance: what a `vflowopt` stage before the LLM scored each image token, carried with the tokens;
 # image_context: the site's hidden states with every image token marked, the query image's token count and
 #   the validity mask (plus `layer_attention` where the method also names layers).
-SIGNALS = ("attention_qk", "next_layer_qk", "instruction_qk", "cls_attention", "layer_attention", "transitions",
-           "text_raters", "hidden", "image_context", "vision_importance", "pixels")
 QK_SIGNALS = frozenset({"attention_qk", "next_layer_qk", "instruction_qk", "cls_attention", "layer_attention",
                         "text_raters"})
 NEXT_LAYER_SIGNALS = frozenset({"next_layer_qk", "instruction_qk"})
@@ -37,7 +41,7 @@ NEXT_LAYER_SIGNALS = frozenset({"next_layer_qk", "instruction_qk"})
 class MethodInfo:
     name: str
     action: str                      # "prune" | "merge"
-    kind: str                        # "score" | "select" | "fuse" | "merge"
+    kind: str                        # "score" | "select" | "fusion" | "merge"
     signals: tuple[str, ...]         # what the compiler must tap at the site, from SIGNALS
     fn: Callable[..., Any]
     params_schema: dict[str, Any]    # JSON Schema of the `params:` mapping
@@ -59,19 +63,49 @@ class MethodInfo:
     per_image: bool = False          # with several images per row, selects within each image (equal budgets)
     scope: str | None = None         # "context" | "query": the stage's candidates are the tokens of every image
                                      # but the last (the in-context demonstrations), or of the last (the query)
+    # lowering: (builder, method, params) -> [B, S] score node; (builder) -> Selection (methods/lowerings.py)
+    lower_scores: Callable[..., Any] | None = None
+    lower_select: Callable[..., Any] | None = None
+    # (params, available, n_keep, adapter, protect) -> None, or (message, "keep" | "site") for a budget it cannot take
+    check_budget: Callable[..., Any] | None = None
+    produces: tuple[str, ...] = ()   # signals it computes for later stages that ask for them
+    produce: Callable[..., Any] | None = None  # (builder, signal) -> [B, S] node, carried with the tokens
+    kernel: bool = False             # its scoring and selection run as Triton kernels on GPU
+    rounding: str = "half_up"        # ratio -> count, as its official code does: half_up | half_even | floor
+    rounding_source: str = ""        # where that rule comes from
+    eager_way: str | None = None     # how `prunec bench`'s eager-attention baseline scores it, if it can:
+                                     # "attention_probabilities" | "next_layer_rows" | "select_before_llm"
 
 
 _METHODS: dict[str, MethodInfo] = {}
 
 
+ROUNDINGS = ("half_up", "half_even", "floor")
+
+
 def register_method(info: MethodInfo) -> MethodInfo:
+    """Register `info`, filling in the default lowerings of its kind. Signals are checked against
+    their providers when a spec using the method is validated (a provider may register later)."""
+    from . import lowerings
+
     if info.name in _METHODS:
         raise ValueError(f"method {info.name!r} is already registered")
-    unknown = set(info.signals) - set(SIGNALS)
-    if unknown:
-        raise ValueError(f"method {info.name!r} asks for unknown signals {sorted(unknown)}")
+    if info.rounding not in ROUNDINGS:
+        raise ValueError(f"method {info.name!r}: rounding {info.rounding!r} is not one of {', '.join(ROUNDINGS)}")
+    defaults = {
+        "score": (lowerings.generic_scores, lowerings.keep_top_scores),
+        "select": (None, lowerings.select_by_features),
+        "merge": (None, lowerings.merge_candidates),
+        "fusion": (None, None),
+    }[info.kind]
+    info = replace(info, lower_scores=info.lower_scores or defaults[0], lower_select=info.lower_select or defaults[1])
     _METHODS[info.name] = info
     return info
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method (tests and plugins that register their own)."""
+    _METHODS.pop(name, None)
 
 
 def get_method(name: str) -> MethodInfo:
@@ -97,6 +131,7 @@ def catalog() -> list[dict[str, Any]]:
             "method": name, "action": info.action, "kind": info.kind, "sites": sites,
             "signals": list(info.signals) or ["(its terms')"], "positions": info.default_positions,
             "variants": info.variants, "params": sorted(info.params_schema.get("properties", {})),
+            "rounding": info.rounding,
             "fusable": (info.kind == "score" or info.score_fn is not None) and info.action == "prune" and not info.scope,
             "summary": info.summary, "source": info.source,
         })
@@ -105,7 +140,7 @@ def catalog() -> list[dict[str, Any]]:
 
 def terms(method: str, params: dict[str, Any]) -> list[tuple[str, dict[str, Any], float]]:
     """The scores a stage computes: (method, params with defaults, weight), one per fused term."""
-    if get_method(method).kind != "fuse":
+    if get_method(method).kind != "fusion":
         return [(method, params, 1.0)]
     return [(t["method"], {**get_method(t["method"]).defaults, **t.get("params", {})}, float(t.get("weight", 1.0)))
             for t in params["terms"]]

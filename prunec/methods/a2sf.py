@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import attention_map_scores
 from .attention_maps import attention_probs, query_validity
 
 
@@ -32,6 +33,7 @@ def forgetting_attention(qs, ks, masks, scales, is_causal: bool, valid, candidat
 
 register_method(MethodInfo(
     name="a2sf",
+    lower_scores=attention_map_scores,
     action="prune",
     kind="score",
     signals=("layer_attention",),

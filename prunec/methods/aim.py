@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import attention_map_scores
 from .attention_maps import attention_logits, query_validity
 
 
@@ -30,6 +31,7 @@ def sharpened_pagerank(qs, ks, masks, scales, is_causal: bool, valid, candidates
 
 register_method(MethodInfo(
     name="aim",
+    lower_scores=attention_map_scores,
     action="prune",
     kind="score",
     signals=("layer_attention",),

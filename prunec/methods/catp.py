@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import image_context_scores
 from .attention_maps import attention_probs
 
 TIE = 1e-6  # relative gap under which two gains are the same
@@ -113,6 +114,7 @@ def query_scores(hidden, image_positions, n_query: int, valid, qs, ks, masks, sc
 
 register_method(MethodInfo(
     name="catp_context",
+    lower_scores=image_context_scores,
     action="prune",
     kind="score",
     signals=("image_context", "layer_attention"),
@@ -135,6 +137,7 @@ register_method(MethodInfo(
 
 register_method(MethodInfo(
     name="catp_query",
+    lower_scores=image_context_scores,
     action="prune",
     kind="score",
     signals=("image_context",),

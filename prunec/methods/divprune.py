@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
+from ..candidates import (candidate_positions, candidate_rows, keep_indices, keep_shape, row_scores_fake,
+                          scatter_rows)
+from ..kernels import use_triton
+from ..lowering import Selection
 from . import MethodInfo, register_method
 
 
@@ -60,6 +65,49 @@ def divprune_keep_order(features: torch.Tensor, n_keep: int, greedy=None) -> tor
     return (greedy or greedy_max_min)(distance, first, n_keep)
 
 
+@torch.library.custom_op("prunec::select_divprune", mutates_args=())
+def select_divprune(hidden: torch.Tensor, candidates: torch.Tensor, n_candidates: int, n_keep: int) -> torch.Tensor:
+    """DivPrune over the candidates' hidden states; keeps every non-candidate."""
+    positions = candidate_positions(candidates, n_candidates)
+    features = candidate_rows(hidden, positions)
+    greedy = None
+    if use_triton(hidden):
+        from ..kernels.max_min_greedy import max_min_greedy as greedy
+    return keep_indices(candidates, positions, divprune_keep(features, n_keep, greedy))
+
+
+@select_divprune.register_fake
+def _(hidden, candidates, n_candidates, n_keep):
+    return keep_shape(candidates, n_candidates, n_keep)
+
+
+@torch.library.custom_op("prunec::diversity_scores", mutates_args=())
+def diversity_scores(hidden: torch.Tensor, candidates: torch.Tensor, n_candidates: int) -> torch.Tensor:
+    """DivPrune's score form over the candidates (-pick step of the full greedy order): [B, S] fp32."""
+    positions = candidate_positions(candidates, n_candidates)
+    features = candidate_rows(hidden, positions)
+    return scatter_rows(diversity_order_scores(features), positions, candidates.shape[1])
+
+
+@diversity_scores.register_fake
+def _(hidden, candidates, n_candidates):
+    return row_scores_fake(hidden, candidates.shape[0], candidates.shape[1])
+
+
+ops.keep_index_op("select_divprune")
+
+
+def _lower_select(b) -> Selection:
+    """Its own op: the greedy loop has a Triton kernel."""
+    return Selection(b.add("select", torch.ops.prunec.select_divprune.default, (b.signal("hidden"), b.candidates,
+                                                                                 *b.sizes)))
+
+
+def _lower_scores(b, method, params):
+    return b.add("score", torch.ops.prunec.diversity_scores.default,
+                 (b.signal("hidden", method), b.candidates, b.stage.n_candidates))
+
+
 register_method(MethodInfo(
     name="divprune",
     action="prune",
@@ -71,4 +119,10 @@ register_method(MethodInfo(
     summary="greedy max-min cosine diversity over the candidate tokens' hidden states",
     source="vbdi/divprune LLaVA/llava/model/llava_arch.py::DivPrune",
     score_fn=diversity_order_scores,
+    lower_select=_lower_select,
+    lower_scores=_lower_scores,
+    kernel=True,
+    eager_way="select_before_llm",
+    rounding="half_even",
+    rounding_source="official llava_arch.py: round(SUBSET_RATIO * N) (Python's round, half to even)",
 ))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import cls_row_scores
 from .fastv import attention_received
 
 
@@ -23,6 +24,8 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, s
 
 register_method(MethodInfo(
     name="fastervlm",
+    lower_scores=cls_row_scores,
+    kernel=True,
     action="prune",
     kind="score",
     signals=("cls_attention",),

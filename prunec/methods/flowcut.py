@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import attention_map_scores
 from .attention_maps import attention_probs
 
 
@@ -34,6 +35,7 @@ def flow_scores(qs, ks, masks, scales, is_causal: bool, valid, candidates=None, 
 
 register_method(MethodInfo(
     name="flowcut",
+    lower_scores=attention_map_scores,
     action="prune",
     kind="score",
     signals=("layer_attention",),

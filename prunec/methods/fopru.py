@@ -16,6 +16,7 @@ import math
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import select_by_attention
 from .hiprune import received_attention
 
 
@@ -44,6 +45,7 @@ def fopru_keep(qs, ks, masks, scales, is_causal, n_candidates: int, n_keep: int,
 
 register_method(MethodInfo(
     name="fopru",
+    lower_select=select_by_attention,
     action="prune",
     kind="select",
     signals=("layer_attention",),

@@ -8,9 +8,13 @@ scales (an attention probability and a diversity pick order) combine without tun
 """
 from __future__ import annotations
 
+from typing import List
+
 import torch
 
-from . import MethodInfo, register_method
+from ..candidates import row_scores_fake
+from ..lowering import Selection
+from . import MethodInfo, register_method, terms
 
 
 def fuse_scores(scores: list[torch.Tensor], candidates: torch.Tensor, weights: list[float],
@@ -43,6 +47,29 @@ def candidate_ranks(score: torch.Tensor, candidates: torch.Tensor) -> torch.Tens
     return ranks
 
 
+@torch.library.custom_op("prunec::fuse_scores", mutates_args=())
+def fuse_scores_op(scores: List[torch.Tensor], candidates: torch.Tensor, weights: List[float], fusion: str,
+                normalize: str) -> torch.Tensor:
+    """Weighted sum of normalized scores, or rank fusion, over the candidates: [B, S] fp32."""
+    return fuse_scores(scores, candidates, weights, fusion, normalize)
+
+
+@fuse_scores_op.register_fake
+def _(scores, candidates, weights, fusion, normalize):
+    return row_scores_fake(candidates, candidates.shape[0], candidates.shape[1])
+
+def _lower_select(b) -> Selection:
+    """Each term's own score lowering, fused, then the top candidates."""
+    fused = terms(b.stage.method, b.stage.param_dict)
+    from . import get_method
+
+    scores = [get_method(m).lower_scores(b, m, p) for m, p, _ in fused]
+    params = b.stage.param_dict
+    score = b.add("score", torch.ops.prunec.fuse_scores.default,
+                  (scores, b.candidates, [w for _, _, w in fused], params["fusion"], params["normalize"]))
+    return Selection(b.add("select", torch.ops.prunec.select_topk.default, (score, b.candidates, *b.sizes)))
+
+
 _TERM = {
     "type": "object",
     "additionalProperties": False,
@@ -56,8 +83,9 @@ _TERM = {
 
 register_method(MethodInfo(
     name="fuse",
+    lower_select=_lower_select,
     action="prune",
-    kind="fuse",
+    kind="fusion",
     signals=(),
     fn=fuse_scores,
     params_schema={

@@ -20,6 +20,7 @@ import math
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import select_by_attention
 from .attention_maps import attention_probs
 
 
@@ -56,6 +57,7 @@ def hiprune_keep(qs, ks, masks, scales, is_causal, n_candidates: int, n_keep: in
 
 register_method(MethodInfo(
     name="hiprune",
+    lower_select=select_by_attention,
     action="prune",
     kind="select",
     signals=("layer_attention",),

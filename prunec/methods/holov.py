@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import select_by_attention
 from .attention_maps import attention_probs
 
 
@@ -57,6 +58,7 @@ def holov_keep(qs, ks, masks, scales, is_causal, n_candidates: int, n_keep: int,
 
 register_method(MethodInfo(
     name="holov",
+    lower_select=select_by_attention,
     action="prune",
     kind="select",
     signals=("layer_attention", "hidden"),

@@ -10,10 +10,13 @@ selection holds for every generated token.
 from __future__ import annotations
 
 from . import MethodInfo, register_method
+from .lowerings import attention_row_scores
 from .fastv import attention_received
 
 register_method(MethodInfo(
     name="lazyllm",
+    lower_scores=attention_row_scores,
+    kernel=True,
     action="prune",
     kind="score",
     signals=("attention_qk",),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import next_layer_row_scores
 from .fastv import attention_received
 
 
@@ -31,6 +32,11 @@ def last_query_attention(q_last: torch.Tensor, k: torch.Tensor, mask: torch.Tens
 
 register_method(MethodInfo(
     name="pyramiddrop",
+    lower_scores=next_layer_row_scores,
+    kernel=True,
+    eager_way="next_layer_rows",
+    rounding="floor",
+    rounding_source="PDrop official: int(N * ratio)",
     action="prune",
     kind="score",
     signals=("next_layer_qk",),

@@ -26,6 +26,7 @@ import math
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import select_by_attention
 from .attention_maps import attention_probs
 
 LOF_THRESHOLD = 1.5  # scikit-learn's offset for contamination='auto'
@@ -83,6 +84,7 @@ def recover_keep(qs, ks, masks, scales, is_causal, n_candidates: int, n_keep: in
 
 register_method(MethodInfo(
     name="recoverable",
+    lower_select=select_by_attention,
     action="prune",
     kind="select",
     signals=("layer_attention", "hidden"),

@@ -18,9 +18,13 @@ row has its own raters.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ..candidates import row_scores_fake
 from . import MethodInfo, register_method
+from .lowerings import merge_by_scores
 from .attention_maps import rows_attention
 from .merging import group_means, in_position_order
 
@@ -46,11 +50,45 @@ def rater_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
     return rows_attention(q, k, mask, scale, is_causal, raters)
 
 
+@torch.library.custom_op("prunec::text_raters", mutates_args=())
+def text_raters_op(embeds: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's rater tokens: [B, S] bool, from the LLM input embeddings."""
+    return text_raters(embeds, candidates)
+
+
+@text_raters_op.register_fake
+def _(embeds, candidates):
+    return candidates.new_empty(candidates.shape)
+
+
+@torch.library.custom_op("prunec::rater_attention", mutates_args=())
+def rater_attention_op(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: float, is_causal: bool,
+                    raters: torch.Tensor) -> torch.Tensor:
+    """Head-mean attention from the rater rows, averaged over them: [B, S] fp32."""
+    return rater_attention(q, k, mask, scale, is_causal, raters)
+
+
+@rater_attention_op.register_fake
+def _(q, k, mask, scale, is_causal, raters):
+    return row_scores_fake(q, raters.shape[0], raters.shape[1])
+
+def _rater_scores(b, method, params):
+    """Raters are chosen once from the LLM input (text is never pruned) and carried to later stages."""
+    key = (b.stage.domain, "sparsevlm:raters")
+    raters = b.carried.get(key)
+    if raters is None:
+        raters = b.add("score", torch.ops.prunec.text_raters.default, (b.signal("text_raters", method), b.candidates))
+        b.carried[key] = b.rows(raters, torch.bool)
+    a = b.signal("attention_qk", method)
+    return b.add("score", torch.ops.prunec.rater_attention.default, (a.q, a.k, a.mask, a.scale, a.causal, raters))
+
+
 register_method(MethodInfo(
     name="sparsevlm",
+    lower_scores=_rater_scores,
     action="prune",
     kind="score",
-    signals=("text_raters",),
+    signals=("text_raters", "attention_qk"),
     fn=rater_attention,
     params_schema={"type": "object", "additionalProperties": False, "properties": {}},
     default_positions="renumber",
@@ -94,9 +132,11 @@ def recycle_merge(features: torch.Tensor, scores: torch.Tensor, n_keep: int, clu
 
 register_method(MethodInfo(
     name="sparsevlm_recycle",
+    lower_scores=_rater_scores,
+    lower_select=merge_by_scores,
     action="merge",
     kind="merge",
-    signals=("text_raters",),
+    signals=("text_raters", "attention_qk"),
     fn=recycle_merge,
     params_schema={
         "type": "object",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import attention_map_scores
 from .attention_maps import attention_probs, query_validity
 
 
@@ -30,6 +31,7 @@ def cumulative_attention(qs, ks, masks, scales, is_causal: bool, valid: torch.Te
 
 register_method(MethodInfo(
     name="spatten",
+    lower_scores=attention_map_scores,
     action="prune",
     kind="score",
     signals=("layer_attention",),

@@ -19,8 +19,12 @@ an unpadded row and keeps a padded row's scores independent of its padding.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from ..candidates import row_scores_fake
+from ..kernels import use_triton
 from . import MethodInfo, register_method
 from .attention_maps import rows_attention
 
@@ -57,8 +61,57 @@ def instruction_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor |
     return rows_attention(q, k, mask, scale, is_causal, positions[None, :] > last_candidate)
 
 
+@torch.library.custom_op("prunec::token_transition", mutates_args=())
+def token_transition_op(x_in: torch.Tensor, x_out: torch.Tensor, valid: Optional[torch.Tensor], cos: str) -> torch.Tensor:
+    """TransPrune's TTV of one sub-block: [B, S] fp32, softmax over each row's valid tokens."""
+    if use_triton(x_in, x_out):
+        from ..kernels.token_transition import token_transition as kernel
+
+        return kernel(x_in, x_out, valid, abs_cos=cos == "abs")
+    return token_transition(x_in, x_out, valid, cos)
+
+
+@token_transition_op.register_fake
+def _(x_in, x_out, valid, cos):
+    return row_scores_fake(x_in, x_in.shape[0], x_in.shape[1])
+
+
+@torch.library.custom_op("prunec::instruction_attention", mutates_args=())
+def instruction_attention_op(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                          is_causal: bool, candidates: torch.Tensor) -> torch.Tensor:
+    """TransPrune's IGA: head-mean attention from the rows after the last candidate, row-averaged."""
+    return instruction_attention(q, k, mask, scale, is_causal, candidates)
+
+
+@instruction_attention_op.register_fake
+def _(q, k, mask, scale, is_causal, candidates):
+    return row_scores_fake(q, candidates.shape[0], candidates.shape[1])
+
+def _ttv_scores(b, method, params):
+    """TTV summed over the stage's sub-blocks, on top of what the domain's earlier stage summed
+    (carried, gathered to this stage's tokens by propagate_tokens)."""
+    key = (b.stage.domain, f"accumulated:{method}")
+    total = b.carried.get(key)
+    for block_in, block_out in b.signal("transitions", method):
+        ttv = b.add("score", torch.ops.prunec.token_transition.default, (block_in, block_out, b.valid, params["cos"]))
+        total = ttv if total is None else b.add("score", torch.ops.aten.add.Tensor, (total, ttv))
+        b.rows(total)
+    b.carried[key] = total
+    return total
+
+
+def _iga_scores(b, method, params):
+    a = b.signal("instruction_qk", method)
+    return b.add("score", torch.ops.prunec.instruction_attention.default,
+                 (a.q, a.k, a.mask, a.scale, a.causal, b.candidates))
+
+
 register_method(MethodInfo(
     name="ttv",
+    lower_scores=_ttv_scores,
+    kernel=True,
+    rounding="floor",
+    rounding_source="official: int(N * ratio)",
     action="prune",
     kind="score",
     signals=("transitions",),
@@ -87,6 +140,9 @@ register_method(MethodInfo(
 
 register_method(MethodInfo(
     name="iga",
+    lower_scores=_iga_scores,
+    rounding="floor",
+    rounding_source="official: int(N * ratio)",
     action="prune",
     kind="score",
     signals=("instruction_qk",),

@@ -33,8 +33,11 @@ from __future__ import annotations
 
 import math
 
+from typing import List, Optional
+
 import torch
 
+from ..candidates import check_count, row_scores_fake
 from . import MethodInfo, register_method
 from .attention_maps import attention_probs
 from .merging import in_position_order
@@ -128,8 +131,52 @@ def recycle(features: torch.Tensor, n_keep: int, qs, ks, masks, scales, is_causa
     return torch.stack(rows_index), torch.stack(rows_values).to(features.dtype)
 
 
+@torch.library.custom_op("prunec::vision_importance", mutates_args=())
+def vision_importance_op(qs: List[torch.Tensor], ks: List[torch.Tensor], masks: List[Optional[torch.Tensor]],
+                      scales: List[float], is_causal: bool, candidates: torch.Tensor, n_candidates: int,
+                      threshold: float, pixels: Optional[torch.Tensor], entropy_weight: float) -> torch.Tensor:
+    """[B, S] fp32 VFlowOpt importance of each candidate at its position (0 elsewhere)."""
+    check_count(candidates, n_candidates)
+    return importance_over_sequence(qs, ks, masks, scales, is_causal, candidates, n_candidates, threshold, pixels,
+                                    entropy_weight)
+
+
+@vision_importance_op.register_fake
+def _(qs, ks, masks, scales, is_causal, candidates, n_candidates, threshold, pixels, entropy_weight):
+    return row_scores_fake(qs[0], candidates.shape[0], candidates.shape[1])
+
+def _produce(b, signal: str):
+    """The vision importance of every image token (0 elsewhere), for a later in-LLM stage; full
+    length: propagate_tokens gathers it with the tokens."""
+    a = b.signal("layer_attention")
+    params = b.stage.param_dict
+    importance = b.add("score", torch.ops.prunec.vision_importance.default,
+                       (a.qs, a.ks, a.masks, a.scales, a.causal, b.candidates, b.stage.n_candidates,
+                        params["threshold"], b.signal("pixels"), params["entropy_weight"]))
+    return b.rows(importance)
+
+
+def _carried_importance(b, method, params):
+    return b.signal("vision_importance", method)
+
+
+def _check_budget(params: dict, available: int, n_keep: int, adapter, protect) -> tuple[str, str] | None:
+    """Recycling into one carrier per grid cell: a square grid, and at least one token per cell."""
+    side = math.isqrt(available)
+    if side * side != available:
+        return f"vflowopt recycles over a square patch grid; {available} candidates are not one", "site"
+    cells = math.ceil(side / params["cell"]) ** 2
+    if n_keep < cells:
+        return (f"vflowopt keeps one token per grid cell at least: {cells} cells of {params['cell']:g} patches "
+                f"on a {side} x {side} grid, budget {n_keep}", "keep")
+    return None
+
+
 register_method(MethodInfo(
     name="vflowopt",
+    produces=("vision_importance",),
+    produce=_produce,
+    check_budget=_check_budget,
     action="merge",
     kind="merge",
     signals=("hidden", "layer_attention", "pixels"),
@@ -164,6 +211,7 @@ register_method(MethodInfo(
 
 register_method(MethodInfo(
     name="vflowopt_llm",
+    lower_scores=_carried_importance,
     action="prune",
     kind="score",
     signals=("vision_importance",),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import MethodInfo, register_method
+from .lowerings import attention_map_scores
 from .attention_maps import attention_probs
 
 
@@ -26,6 +27,7 @@ def cls_attention_sum(qs: list[torch.Tensor], ks: list[torch.Tensor], masks: lis
 
 register_method(MethodInfo(
     name="vtc_cls",
+    lower_scores=attention_map_scores,
     action="prune",
     kind="score",
     signals=("layer_attention",),

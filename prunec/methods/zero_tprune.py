@@ -27,6 +27,7 @@ import torch
 import math
 
 from . import MethodInfo, register_method
+from .lowerings import attention_map_scores, select_by_attention
 from .attention_maps import attention_probs, query_validity
 
 
@@ -57,6 +58,7 @@ def weighted_pagerank(qs, ks, masks, scales, is_causal: bool, valid, candidates=
 
 register_method(MethodInfo(
     name="zero_tprune",
+    lower_scores=attention_map_scores,
     action="prune",
     kind="score",
     signals=("layer_attention",),
@@ -112,6 +114,7 @@ def similarity_then_importance_keep(qs, ks, masks, scales, is_causal: bool, n_ca
 
 register_method(MethodInfo(
     name="zero_tprune_si",
+    lower_select=select_by_attention,
     action="prune",
     kind="select",
     signals=("layer_attention",),
