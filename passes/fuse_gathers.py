@@ -14,12 +14,15 @@ _MANY = torch.ops.prunec.gather_tokens_many.default
 
 
 def fuse_gathers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    """Guarantees: per keep-index tensor, the dim-1 gathers whose inputs exist before the first of
-    them are one `gather_tokens_many` node placed there; values and order of use are unchanged."""
+    """Guarantees: per keep-index tensor, the batch-first dim-1 gathers whose inputs exist before the
+    first of them are one `gather_tokens_many` node placed there; values, their fake values and
+    order of use are unchanged."""
     graph = gm.graph
+    fused = launches = 0
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is _GATHER and list(node.args[2]) == [1]:
+        if (node.op == "call_function" and node.target is _GATHER and list(node.args[2]) == [1]
+                and (len(node.args) < 4 or node.args[3] == 0)):
             groups.setdefault(node.args[1], []).append(node)
     for index, gathers in groups.items():
         order = {node: i for i, node in enumerate(graph.nodes)}  # earlier fusions added nodes
@@ -37,6 +40,9 @@ def fuse_gathers(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 gather.replace_all_uses_with(item)
         for gather in fusable:
             graph.erase_node(gather)
+        fused += len(fusable)
+        launches += 1
+    ctx.report("fuse_gathers", gathers_fused=fused, fused_gathers=launches)
     graph.lint()
     gm.recompile()
     return gm

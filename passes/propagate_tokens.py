@@ -4,10 +4,10 @@ Every value defined before the cut and read after it is rewritten for the tail: 
 becomes the gathered one; any tensor with token axes (rotary cos/sin, 4-D masks on rows and
 columns, position ids, candidate masks of later stages, mRoPE tables `[3, B, S, d]`) is gathered
 along those axes, wherever its batch axis sits; the sequence-length SymInt becomes K. Under
-`positions: renumber`, position-derived tensors (those the model's rotary module computes) are
-computed again by a copy of that module's nodes from renumbered position ids (`renumber_positions`:
-each row's first position, then one more per kept token), as if the pruned sequence had been the
-input. A value that depends on the sequence length in any other way stops the build.
+`positions: renumber`, the position ids the rotary module reads become renumbered ones
+(`renumber_positions`: each row's first position, then one more per kept token), and the tensors
+the rotary module computes are computed again from them by a copy of its nodes, as if the pruned
+sequence had been the input. A value that depends on the sequence length in any other way stops the build.
 
 Token axes are recognised by the captured sequence symbol (`graph_meta.captured`), on any axis; the
 batch axis by the captured batch symbol (or a leading 1 that broadcasts).
@@ -68,6 +68,12 @@ def _tail_inputs(graph: fx.Graph, record: StageRecord) -> tuple[list[fx.Node], s
 
 def _is_positional(node: fx.Node, rotary_path: str | None) -> bool:
     return rotary_path is not None and any(p.startswith(rotary_path) for p in module_paths(node))
+
+
+def _is_position_ids(node: fx.Node, value: torch.Tensor, rotary_path: str | None) -> bool:
+    """Integer per-token values the rotary module reads: the model's position ids."""
+    return (not value.is_floating_point() and value.dtype != torch.bool and not _is_positional(node, rotary_path)
+            and any(_is_positional(user, rotary_path) for user in node.users))
 
 
 class _Tail:
@@ -157,7 +163,10 @@ def _propagate_stage(gm: fx.GraphModule, record: StageRecord, rotary_path: str |
         if not dims:
             continue
         positional = _is_positional(node, rotary_path)
-        if stage.positions == "renumber" and positional:
+        if stage.positions == "renumber" and _is_position_ids(node, value, rotary_path):
+            new = rewrite.add(_OPS.renumber_positions.default, (node, record.kept_len, dims), node, role="positions")
+            how = "renumbered position ids"
+        elif stage.positions == "renumber" and positional:
             new = rewrite.renumber(node.meta.get(POSITIONS_TABLE, node), rotary_path)
             how = "recomputed from renumbered positions"
         else:

@@ -16,4 +16,5 @@ def verify(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if node.meta.get(ROLE) == "select" and not node.users:
             raise BuildError(f"selection {node.name} is used by nothing: its stage was lost")
     ctx.program = reexport(gm, ctx.example_inputs, ctx.dynamic_shapes)
+    ctx.report("verify", nodes=len(ctx.program.graph_module.graph.nodes))
     return gm

@@ -287,10 +287,35 @@ def _read_image(path: Path):
 
 
 @app.command()
-def methods(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """List every registered method: action, sites, signals, variants and the source it follows."""
-    from .methods import catalog
+def methods(name: Optional[str] = typer.Argument(None, help="one method: its parameters in full"),
+            as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """List every registered method (action, sites, signals, variants, rounding, source), or one in full."""
+    from .methods import catalog, method_detail, method_names
 
+    if name is not None:
+        if name not in method_names():
+            _fail(PrunecError(f"unknown method {name!r}; known: {', '.join(method_names())}"))
+        detail = method_detail(name)
+        if as_json:
+            typer.echo(json.dumps(detail, indent=2))
+            return
+        typer.echo(f"{name}: {detail['action']}/{detail['kind']}, {detail['summary']}")
+        for key in ("sites", "signals"):
+            typer.echo(f"  {key}: {', '.join(detail[key])}")
+        typer.echo(f"  positions: {detail['positions']} (default)")
+        typer.echo(f"  rounding: {detail['rounding']}" + (f" ({detail['rounding_source']})"
+                                                          if detail["rounding_source"] else ""))
+        typer.echo("  params:" + ("" if detail["params_detail"] else " none"))
+        for param in detail["params_detail"]:
+            default = "required" if param["required"] else (
+                f"default {json.dumps(param['default'])}" if "default" in param else "optional")
+            typer.echo(f"    {param['name']}: {param['type']}, {default}"
+                       + (f". {param['description']}" if param["description"] else ""))
+        for key, text in detail["variants"].items():
+            typer.echo(f"  variant {key}: {text}")
+        typer.echo(f"  official code: {detail['source'] or '-'}")
+        typer.echo(f"  presets: {', '.join(detail['presets']) or '-'}")
+        return
     rows = catalog()
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -300,7 +325,8 @@ def methods(as_json: bool = typer.Option(False, "--json", help="machine-readable
         variants = "; ".join(f"{k}: {v}" for k, v in row["variants"].items()) or "-"
         typer.echo(f"{row['method']:<{width}} {row['action']}/{row['kind']:<6}  {row['summary']}")
         typer.echo(f"{'':<{width}} sites: {', '.join(row['sites'])}   signals: {', '.join(row['signals'])}   "
-                   f"positions: {row['positions']}   fusable: {'yes' if row['fusable'] else 'no'}")
+                   f"positions: {row['positions']}   fusable: {'yes' if row['fusable'] else 'no'}   "
+                   f"rounding: {row['rounding']}")
         typer.echo(f"{'':<{width}} params: {', '.join(row['params']) or '-'}   variants: {variants}")
         typer.echo(f"{'':<{width}} source: {row['source']}")
 

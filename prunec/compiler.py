@@ -4,6 +4,7 @@ The pass list is `prunec.passes.PIPELINE`; each pass is one function over the Gr
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,6 +36,15 @@ def example_shape(plan: Plan) -> ExampleShape:
     return ExampleShape(max(2, inputs["batch"]), inputs.get("seq_len"), inputs.get("image_size"), inputs.get("images", 1))
 
 
+def _check_fake_values(gm, done: list[str]) -> None:
+    from .graph_meta import fake_value_mismatches
+
+    wrong = fake_value_mismatches(gm)
+    if wrong:
+        raise BuildError(f"after {done[-1] if done else 'capture'}: {len(wrong)} nodes hold stale fake values, "
+                         f"e.g. {wrong[0]}")
+
+
 def compile_plan(plan: Plan, model: torch.nn.Module, on_step: Callable[[str], None] | None = None) -> Compiled:
     """Capture, then run the pass pipeline; `on_step(name)` is called as each step starts."""
     step = on_step or (lambda name: None)
@@ -47,7 +57,10 @@ def compile_plan(plan: Plan, model: torch.nn.Module, on_step: Callable[[str], No
     ctx = CompileContext(plan, plan.adapter, captured.example_inputs, captured.dynamic_shapes)
     gm = captured.graph_module
     done: list[str] = []
+    check_meta = os.environ.get("PRUNEC_CHECK_META") == "1"  # tests: the rewritten graph's fake values are true
     for graph_pass in PIPELINE:
+        if check_meta and graph_pass is PIPELINE[-1]:
+            _check_fake_values(gm, done)
         step(graph_pass.__name__)
         start = time.perf_counter()
         try:

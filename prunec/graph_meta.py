@@ -58,9 +58,14 @@ class _Downstream(FakeTensorProp):
 def refresh_fake_values(gm: fx.GraphModule, changed: Iterable[fx.Node]) -> int:
     """Propagate fake values again from `changed` downstream; returns how many nodes were recomputed."""
     inputs = _fake_inputs(gm)
+    changed = set(changed)
     prop = _Downstream(gm, detect_fake_mode(inputs), set(changed))
-    with enable_python_dispatcher():
+    try:  # the plain dispatcher is faster; some symbolic ops need the Python one
         prop.propagate_dont_convert_inputs(*inputs)
+    except RuntimeError:
+        prop = _Downstream(gm, detect_fake_mode(inputs), set(changed))
+        with enable_python_dispatcher():
+            prop.propagate_dont_convert_inputs(*inputs)
     return prop.recomputed
 
 
@@ -74,7 +79,8 @@ def _describe(value) -> str:
 
 def fake_value_mismatches(gm: fx.GraphModule) -> list[str]:
     """Nodes whose `meta["val"]` differs from a fresh fake-tensor propagation of the whole graph
-    (shapes and dtypes); `meta["val"]` is left as it was."""
+    (tensor shapes and dtypes, shape scalars; not data-dependent scalars); `meta["val"]` is left as
+    it was."""
     recorded = {n: n.meta.get("val") for n in gm.graph.nodes}
     inputs = _fake_inputs(gm)
     try:
@@ -88,4 +94,13 @@ def fake_value_mismatches(gm: fx.GraphModule) -> list[str]:
             else:
                 node.meta["val"] = value
     return [f"{n.name}: recorded {_describe(recorded[n])}, fresh {_describe(fresh[n])}" for n in gm.graph.nodes
-            if n.op != "output" and fresh[n] is not None and _describe(recorded[n]) != _describe(fresh[n])]
+            if n.op != "output" and fresh[n] is not None and not _data_dependent(fresh[n])
+            and _describe(recorded[n]) != _describe(fresh[n])]
+
+
+def _data_dependent(value) -> bool:
+    """A scalar computed from tensor data (`.item()` and what follows from it): each trace names it
+    with a new unbacked symbol, so two propagations cannot be compared on it."""
+    if isinstance(value, (torch.SymInt, torch.SymBool, torch.SymFloat)):
+        return bool(torch.fx.experimental.symbolic_shapes.free_unbacked_symbols(value))
+    return False

@@ -188,17 +188,20 @@ def _check_entry(spec: Spec, adapter, raw: dict, ptr: str):
     if info.kind == "fusion":
         _check_terms(spec, raw["params"]["terms"], f"{ptr}/params/terms")
     protect = tuple(raw.get("protect", adapter.protectable))
-    for item in protect:
+    for index, item in enumerate(protect):
         if item not in adapter.protectable:
             raise SpecError(f"family {adapter.family} cannot protect {item!r}; expected one of: "
-                            f"{', '.join(adapter.protectable)}", spec.locate(f"{ptr}/protect"))
+                            f"{', '.join(adapter.protectable)}", spec.locate(f"{ptr}/protect/{index}"))
     return info, action, {**info.defaults, **raw.get("params", {})}, protect
 
 
 def _check_params(spec: Spec, info, params: dict, ptr: str) -> None:
     for err in jsonschema.Draft202012Validator(info.params_schema).iter_errors(params):
         sub = _schema_error(err, PositionedDoc(None, {}, {}, spec.doc.file))
-        raise SpecError(f"params of {info.name}: {sub.message}", spec.locate(f"{ptr}{_pointer(err.absolute_path)}"))
+        where = f"{ptr}{sub.location.pointer if sub.location else _pointer(err.absolute_path)}"
+        # an unknown key is reported at the key, like unknown keys elsewhere in the spec
+        locate = spec.doc.locate_key if err.validator == "additionalProperties" else spec.locate
+        raise SpecError(f"params of {info.name}: {sub.message}", locate(where))
 
 
 def _check_terms(spec: Spec, items: list, ptr: str) -> None:

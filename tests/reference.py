@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from official_defaults import reference_params
 
 
 def slow_divprune(features: torch.Tensor, n_keep: int) -> list[int]:
@@ -81,9 +82,15 @@ def slow_topk(scores: list[float], n_keep: int) -> list[int]:
 
 
 def reference_stages(plan) -> list[dict]:
-    """A plan's stages in the terms HookReference takes."""
-    return [dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, **s.param_dict)
-            for s in plan.stages]
+    """A plan's stages in the terms HookReference takes: sites, counts and position policies from the
+    plan; parameters as the spec wrote them over the defaults in official_defaults.py (not prunec's)."""
+    pipeline = plan.spec.data["pipeline"]
+    out = []
+    for s in plan.stages:
+        written = pipeline[int(s.pointer.split("/")[2])].get("params", {})
+        out.append(dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions,
+                        **reference_params(s.method, written)))
+    return out
 
 
 def keep_list(candidates: list[int], kept_candidates: list[int], length: int) -> list[int]:
@@ -674,7 +681,7 @@ class HookReference:
             merged, picks = [], []
             for b, cands in enumerate(state["cands"]):
                 kept, values = slow_recycle(hidden[b, cands], [float(rows[b, c]) for c in cands], stage["n_keep"],
-                                            stage["clusters"], stage["ratio"], stage["neighbours"])
+                                            stage["clusters"], stage["ratio"], stage.get("neighbours", stage["clusters"]))
                 merged.append({cands[i]: v for i, v in zip(kept, values)})
                 picks.append(kept)
             forced = torch.full(rows.shape, -1.0, dtype=torch.float64)

@@ -108,7 +108,7 @@ CASES = [
     ("attention-needs-sdpa", {"s.yaml": variant(replace={4: "  builtin: tiny-llava\n  attn_implementation: eager"})},
      11, "set model.attn_implementation: sdpa"),
     ("vflowopt-llm-without-vflowopt", {"s.yaml": variant(replace={10: "    method: vflowopt_llm"})}, 10,
-     "method vflowopt_llm ranks by the importance a vflowopt stage computes before the LLM"),
+     "method vflowopt_llm reads vision_importance, which a stage of vflowopt computes; add one earlier"),
     ("scoped-method-in-a-fusion", {"s.yaml": variant(replace={
         10: "    method: fuse\n    params: {terms: [{method: fastv}, {method: catp_query}]}"})}, 11,
      "method 'catp_query' scores one image scope (query); a fusion cannot take it"),
@@ -177,6 +177,83 @@ CASES = [
 ]
 
 
+# (column, JSON pointer) of each case, derived by hand from its YAML text: the value's (or, for
+# an unknown key, the key's) first character, 1-based; "" is the root (printed as "/")
+LOCATIONS = {
+    'unknown-top-level-key': (1, '/colour'),
+    'unknown-stage-key': (5, '/pipeline/0/methd'),
+    'wrong-type': (10, '/inputs/batch'),
+    'layer-out-of-range': (11, '/pipeline/0/site'),
+    'budget-too-large': (19, '/pipeline/0/keep/count'),
+    'ratio-zero': (19, '/pipeline/0/keep/ratio'),
+    'ratio-above-one': (19, '/pipeline/0/keep/ratio'),
+    'unknown-method': (13, '/pipeline/0/method'),
+    'unknown-site-for-family': (11, '/pipeline/0/site'),
+    'missing-model': (1, ''),
+    'python-tag': (10, '/inputs/batch'),
+    'duplicate-key': (3, '/inputs/batch'),
+    'circular-extends': (10, '/extends'),
+    'wrong-format-version': (9, '/prunec'),
+    'missing-pipeline': (1, ''),
+    'two-model-sources': (3, '/model'),
+    'model-path-missing': (9, '/model/path'),
+    'invalid-yaml': (1, ''),
+    'empty-file': (1, ''),
+    'count-and-ratio': (11, '/pipeline/0/keep'),
+    'budget-list-length': (19, '/pipeline/0/keep/ratio'),
+    'stages-out-of-order': (11, '/pipeline/1/site'),
+    'fastv-needs-layer-site': (11, '/pipeline/0/site'),
+    'keep-original-before-llm': (16, '/pipeline/0/positions'),
+    'unknown-method-param': (14, '/pipeline/0/params/queyr'),
+    'bad-method-param-value': (21, '/pipeline/0/params/query'),
+    'protect-cls-on-llava': (15, '/pipeline/0/protect/0'),
+    'vflowopt-budget-under-its-cells': (19, '/pipeline/0/keep/count'),
+    'cls-pooling-of-a-prunable-cls': (14, '/pipeline/0/protect'),
+    'pooling-on-a-vlm': (19, '/output/pooling'),
+    'tome-in-a-text-encoder': (11, '/pipeline/0/site'),
+    'tome-merges-more-than-its-a-tokens': (60, '/pipeline/0/keep/count'),
+    'triton-backend-without-kernels': (10, '/backend'),
+    'bad-name': (7, '/name'),
+    'extends-missing-file': (10, '/extends'),
+    'attention-needs-sdpa': (13, '/pipeline/0/method'),
+    'vflowopt-llm-without-vflowopt': (13, '/pipeline/0/method'),
+    'scoped-method-in-a-fusion': (48, '/pipeline/0/params/terms/1/method'),
+    'scoped-budget-over-the-scope': (19, '/pipeline/0/keep/count'),
+    'ratio-keeps-nothing': (19, '/pipeline/0/keep/ratio'),
+    'later-stage-over-budget': (19, '/pipeline/1/keep/count'),
+    'malformed-site': (11, '/pipeline/0/site'),
+    'alias-bomb': (4, '/c/5/4'),
+    'yaml-merge-key': (3, '/inputs'),
+    'non-string-key': (1, ''),
+    'pipeline-mapping-without-extends': (3, '/pipeline'),
+    'patch-unknown-stage-id': (3, '/pipeline/second'),
+    'inherited-error-points-at-base': (19, '/pipeline/0/keep/ratio'),
+    'missing-seq-len': (1, '/inputs'),
+    'image-size-not-patch-multiple': (15, '/inputs/image_size'),
+    'spec-is-a-list': (1, ''),
+    'too-large': (1, ''),
+    'two-documents': (1, ''),
+    'control-character': (8, ''),
+    'float-for-integer': (12, '/inputs/seq_len'),
+    'huge-seed': (9, '/model/seed'),
+    'seq-len-shorter-than-image': (12, '/inputs/seq_len'),
+    'seq-len-beyond-positions': (12, '/inputs/seq_len'),
+    'nul-in-extends': (10, '/extends'),
+    'negative-seed': (9, '/model/seed'),
+    'images-on-a-text-model': (11, '/inputs/images'),
+    'seq-len-too-short-for-images': (12, '/inputs/seq_len'),
+    'context-scope-needs-several-images': (13, '/pipeline/0/method'),
+    'vision-attention-over-several-images': (13, '/pipeline/0/method'),
+    'per-image-budget-not-a-multiple': (19, '/pipeline/0/keep/count'),
+    'query-count-made-data-dependent': (13, '/pipeline/1/method'),
+    'attention-layers-across-a-cut': (11, '/pipeline/1/site'),
+    'decode-dynamic-not-yet': (18, '/decode/policy'),
+    'decode-on-a-vision-model': (1, '/decode'),
+    'last-logits-on-a-vision-model': (18, '/output/logits'),
+    'pyramiddrop-at-the-last-layer': (11, '/pipeline/0/site'),
+}
+
+
 def _expected_file(case_id: str, files: dict[str, str]) -> str:
     if case_id == "circular-extends":
         return "t.yaml"
@@ -193,13 +270,15 @@ def test_invalid_spec_reports_location_and_exits_2(tmp_path, case_id, files, lin
     output = result.output
     assert result.exit_code == 2, output
     assert "Traceback" not in output
-    where = re.escape(str(tmp_path / _expected_file(case_id, files)))
-    assert re.search(rf"^{where}:{line}:\d+: error at /\S*: ", output, re.M), output
+    where = str(tmp_path / _expected_file(case_id, files))
+    column, pointer = LOCATIONS[case_id]
+    assert f"{where}:{line}:{column}: error at {pointer or '/'}: " in output, output
     assert message in output, output
 
 
 def test_enough_distinct_cases():
     assert len({c[0] for c in CASES}) >= 25
+    assert set(LOCATIONS) == {c[0] for c in CASES}
 
 
 @pytest.mark.parametrize("case_id", ["python-tag", "layer-out-of-range", "circular-extends"])

@@ -138,6 +138,39 @@ def catalog() -> list[dict[str, Any]]:
     return rows
 
 
+def _param_type(schema: dict) -> str:
+    if "enum" in schema:
+        return " | ".join(map(str, schema["enum"]))
+    if "type" in schema:
+        kind = schema["type"]
+        return "/".join(kind) if isinstance(kind, list) else kind
+    if "oneOf" in schema or "anyOf" in schema:
+        return " or ".join(_param_type(s) for s in schema.get("oneOf", schema.get("anyOf")))
+    return "any"
+
+
+def method_detail(name: str) -> dict[str, Any]:
+    """Everything `prunec methods NAME` shows: the catalog row, each parameter's type, default and
+    description, the rounding rule and the preset specs that use the method."""
+    from pathlib import Path
+
+    info = get_method(name)
+    row = next(r for r in catalog() if r["method"] == name)
+    schema = info.params_schema
+    params = []
+    for param, spec in schema.get("properties", {}).items():
+        entry = {"name": param, "type": _param_type(spec), "required": param in schema.get("required", []),
+                 "description": spec.get("description", "")}
+        if param in info.defaults:
+            entry["default"] = info.defaults[param]
+        params.append(entry)
+    specs = Path(__file__).resolve().parents[2] / "specs"
+    presets = sorted(str(p.relative_to(specs)) for p in specs.rglob("*.yaml")
+                     if f"method: {name}\n" in p.read_text() or f"method: {name} " in p.read_text()) \
+        if specs.is_dir() else []
+    return {**row, "params_detail": params, "rounding_source": info.rounding_source, "presets": presets}
+
+
 def terms(method: str, params: dict[str, Any]) -> list[tuple[str, dict[str, Any], float]]:
     """The scores a stage computes: (method, params with defaults, weight), one per fused term."""
     if get_method(method).kind != "fusion":

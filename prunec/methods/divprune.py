@@ -6,6 +6,13 @@ code reads the second-smallest distance per column, the smallest being the token
 repeatedly add the token whose minimum distance to the chosen set is largest. Kept tokens return in
 their original order; the LLM sees a shorter sequence, so positions are renumbered.
 Ties go to the lower index. A chosen token is never picked again (its score is set to -inf).
+
+Deviation, on purpose: with exact duplicate tokens and a budget above the number of distinct
+tokens, every remaining token is at distance 0 from the chosen set and the official greedy (argmax
+over all tokens, chosen ones included) re-picks an already chosen token, so it keeps fewer distinct
+tokens than its budget. prunec picks the lowest-index token not yet chosen, so a stage always keeps
+exactly its budget of distinct tokens; on inputs without such ties the two agree.
+Ratio budgets round as the official code does: `round(SUBSET_RATIO * N)`, half to even.
 """
 from __future__ import annotations
 
@@ -119,6 +126,8 @@ register_method(MethodInfo(
     summary="greedy max-min cosine diversity over the candidate tokens' hidden states",
     source="vbdi/divprune LLaVA/llava/model/llava_arch.py::DivPrune",
     score_fn=diversity_order_scores,
+    variants={"(duplicates)": "the code re-picks a chosen token once only duplicates remain / prunec keeps "
+                              "distinct tokens (not a parameter)"},
     lower_select=_lower_select,
     lower_scores=_lower_scores,
     kernel=True,

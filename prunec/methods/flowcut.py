@@ -48,7 +48,8 @@ register_method(MethodInfo(
         "type": "object",
         "additionalProperties": False,
         "properties": {"accumulate_from": {"type": "integer", "minimum": 0,
-                                           "description": "first scored layer (0-indexed); official: layer 1"}},
+                                           "description": "first scored layer (0-indexed); the official loop starts at "
+                                                          "layer 0"}},
     },
     default_positions="keep_original",
     domains=("vision", "encoder"),

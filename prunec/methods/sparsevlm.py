@@ -9,10 +9,13 @@ Official code (Gumpest/SparseVLMs, branch v1.5, `modelling_sparse_llama.py` + `s
   (for "192": 300, 200, 110 visual tokens), renumber positions (v1.5).
 Recycling (the top 30% (+1) of the deleted tokens by score clustered by DPC-kNN and averaged into
 extra tokens) is the merge method `sparsevlm_recycle`: the recycled tokens count in the stage's
-budget and `clusters` is explicit (the official count is pool // 10 + 1; its kNN size is not in
-the sources reached: `neighbours`, default 5 as in TCFormer's DPC-kNN, which SparseVLM's derives
-from, without TCFormer's random tie-breaking noise); each cluster token sits at its centre's
-position (the official code inserts them after the kept visual tokens). v1's rank-adaptive count
+budget and `clusters` is explicit (the official count is pool // 10 + 1). The density's kNN size is
+the cluster count, as the official `utils.py::cluster_and_merge` computes it
+(`torch.topk(dist_matrix, k=cluster_num)`); `neighbours: 5` (TCFormer's DPC-kNN, which SparseVLM's
+derives from) is the variant. The official code also adds random noise to the density to break
+ties; prunec does not (ties go to the lower index), so its selections are reproducible. Each
+cluster token sits at its centre's position (the official code inserts them after the kept visual
+tokens). v1's rank-adaptive count
 and v2.0's gravity correction are not implemented. The official code assumes batch 1; here each
 row has its own raters.
 """
@@ -100,10 +103,10 @@ register_method(MethodInfo(
 
 
 def recycle_merge(features: torch.Tensor, scores: torch.Tensor, n_keep: int, clusters: int = 1,
-                  ratio: float = 0.3, neighbours: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+                  ratio: float = 0.3, neighbours: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseVLM's recycling, per row: keep the top n_keep - clusters candidates by score; of the
     deleted ones, the top ratio (+1) by score are clustered by DPC-kNN (density = exp(-mean squared
-    distance to the `neighbours` nearest), distance to the nearest denser token, centres = the top
+    distance to the `neighbours` nearest, default `clusters` as the official code), distance to the nearest denser token, centres = the top
     `clusters` by density x distance, every token to its nearest centre) and averaged per cluster;
     each cluster's token sits at its centre's position. Ties go to the lower index.
     features: [B, N, D], scores: [B, N]. Returns ([B, n_keep] sorted indices, [B, n_keep, D] values)."""
@@ -116,7 +119,7 @@ def recycle_merge(features: torch.Tensor, scores: torch.Tensor, n_keep: int, clu
         pool = deleted[:min(deleted.numel(), int(ratio * deleted.numel()) + 1)]
         x = features[b, pool].float()
         distance = torch.cdist(x, x) / width ** 0.5
-        k = min(neighbours, pool.numel())
+        k = min(neighbours or clusters, pool.numel())
         density = torch.exp(-(distance.topk(k, dim=1, largest=False).values ** 2).mean(dim=1))
         denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
         parent = torch.where(denser, distance, distance.max()).min(dim=1).values
@@ -147,10 +150,12 @@ register_method(MethodInfo(
                          "description": "recycled tokens, counted in the budget (official: pool // 10 + 1)"},
             "ratio": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
                       "description": "share of the deleted tokens recycled, plus one (official 0.3)"},
-            "neighbours": {"type": "integer", "minimum": 1, "description": "k of DPC-kNN's density"},
+            "neighbours": {"type": "integer", "minimum": 1,
+                           "description": "k of DPC-kNN's density; default: the cluster count (official code)"},
         },
     },
-    defaults={"ratio": 0.3, "neighbours": 5},
+    defaults={"ratio": 0.3},
+    variants={"neighbours": "the cluster count (code) / 5 (TCFormer's DPC-kNN)"},
     default_positions="renumber",
     domains=("llm",),
     layer_sites_only=True,
