@@ -312,3 +312,30 @@ def test_llama_text_pruning_matches_hook_reference(build, name, pads):
     expected = reference(ids, mask)
     assert actual.shape[1] == 14 - sum(s.n_candidates - s.n_keep for s in plan.stages)
     assert_close_on_kept_real_tokens(actual, expected, mask, reference.final_tokens, ATOL)
+
+
+def test_fastv_last_query_respects_the_padding_mask(build, monkeypatch):
+    """A long-padded row where the head-mean attention of the last token, taken without the padding
+    mask, keeps other image tokens: the module equals the masked reference, and the same module with
+    its scoring made to ignore the mask (the mutation) does not."""
+    import prunec.ops
+
+    plan, module, _ = build(LLAVA_SPECS["fastv"])
+    reference = HookReference(_hf(plan), reference_stages(plan))
+    unmasked = prunec.ops._attention_received
+    for seed in range(20):  # seed 10 is the first such input here
+        pads = [0, 20, 4]
+        ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=50, seed=seed)
+        with torch.no_grad():
+            expected = reference(ids, mask, pixels)
+            actual = module(ids, mask, pixels)
+            assert_close_on_real_tokens(actual, expected, pads, ATOL)
+            monkeypatch.setattr(prunec.ops, "_attention_received",
+                                lambda q, k, m, scale, causal, query: unmasked(q, k, None, scale, causal, query))
+            ignoring = module(ids, mask, pixels)
+            monkeypatch.setattr(prunec.ops, "_attention_received", unmasked)
+        try:
+            assert_close_on_real_tokens(ignoring, expected, pads, ATOL)
+        except AssertionError:
+            return  # this input tells the two apart, and the module sided with the mask
+    pytest.fail("no input of 20 seeds where ignoring the padding mask changes FastV's selection")

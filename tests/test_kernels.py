@@ -349,3 +349,39 @@ def test_backend_option_picks_the_path_and_keeps_results(build, monkeypatch):
     for mode in ("triton", "auto"):
         for b, pad in enumerate([0, 3]):
             torch.testing.assert_close(outputs[mode][b, pad:], outputs["torch"][b, pad:], atol=1e-5, rtol=0)
+
+
+def test_select_topk_breaks_exact_ties_to_the_lower_index():
+    """Torch path, by hand: 0.9 first, then the exact ties at 0.5 go to the lowest indices."""
+    scores = torch.tensor([[0.5, 0.5, 0.9, 0.5, 0.5, 0.1, 7.0],
+                           [0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]])
+    candidates = torch.tensor([[True] * 6 + [False], [False] + [True] * 6])
+    kept = select_topk(scores, candidates, 6, 3)
+    assert kept.tolist() == [[0, 1, 2, 6], [0, 1, 2, 3]]
+
+
+_DEVICE_TIES = """
+import torch
+from prunec.kernels.topk_spans import topk_spans
+from prunec.kernels.max_min_greedy import max_min_greedy
+from prunec.methods.divprune import divprune_keep
+scores = torch.tensor([[0.5, 0.5, 0.9, 0.5, 0.5, 0.1, 7.0], [0.2] * 7], device="cuda")
+candidates = torch.tensor([[True] * 6 + [False], [False] + [True] * 6], device="cuda")
+assert topk_spans(scores, candidates, 6, 3).tolist() == [[0, 1, 2, 6], [0, 1, 2, 3]]
+features = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [1.0, 0.0], [0.0, 1.0]]], device="cuda")
+assert divprune_keep(features, 4, greedy=max_min_greedy).tolist() == divprune_keep(features.cpu(), 4).tolist()
+print("ties ok")
+"""
+
+
+@pytest.mark.device
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: runs the compiled Triton kernels")
+def test_compiled_kernels_break_exact_ties_to_the_lower_index():
+    """The interpreter's argmax ignores the tie flag, so this is only shown by compiled kernels."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _DEVICE_TIES], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "ties ok" in result.stdout, result.stderr

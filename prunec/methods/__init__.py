@@ -2,7 +2,7 @@
 
 A *score* method maps signals to one score per token (higher = keep); the compiler keeps the top-k
 candidates. A *select* method returns the kept candidate indices itself (e.g. DivPrune's greedy
-max-min) and may offer a score form (`score_fn`) so it can take part in a fusion. The *fuse* method
+max-min) and may offer a score form (`lower_scores`) so it can take part in a fusion. The *fuse* method
 combines other methods' scores (`methods/fuse.py`). Method functions never see a model or a graph:
 they get tensors.
 
@@ -53,7 +53,6 @@ class MethodInfo:
     defaults: dict[str, Any] = field(default_factory=dict)
     source: str = ""                 # paper / official file the default variant follows
     variants: dict[str, str] = field(default_factory=dict)  # param -> "official / other" choices
-    score_fn: Callable[..., Any] | None = None  # select methods: a score form for fusion
     # layer_attention methods: the layers whose attention they read, from (params, scoring layer)
     attention_layers: Callable[[dict[str, Any], int], list[int]] | None = None
     accumulates: bool = False        # combines per-layer scores from `accumulate_from`, carried across stages
@@ -132,7 +131,7 @@ def catalog() -> list[dict[str, Any]]:
             "signals": list(info.signals) or ["(its terms')"], "positions": info.default_positions,
             "variants": info.variants, "params": sorted(info.params_schema.get("properties", {})),
             "rounding": info.rounding,
-            "fusable": (info.kind == "score" or info.score_fn is not None) and info.action == "prune" and not info.scope,
+            "fusable": info.lower_scores is not None and info.action == "prune" and not info.scope,
             "summary": info.summary, "source": info.source,
         })
     return rows

@@ -125,7 +125,6 @@ register_method(MethodInfo(
     default_positions="renumber",
     summary="greedy max-min cosine diversity over the candidate tokens' hidden states",
     source="vbdi/divprune LLaVA/llava/model/llava_arch.py::DivPrune",
-    score_fn=diversity_order_scores,
     variants={"(duplicates)": "the code re-picks a chosen token once only duplicates remain / prunec keeps "
                               "distinct tokens (not a parameter)"},
     lower_select=_lower_select,
