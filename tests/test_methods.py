@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -492,7 +493,13 @@ def built_presets(tmp_path_factory):
 
     def get(path: Path):
         if path not in cache:
-            artifact = prunec.build(path, root / path.stem)
+            # every preset's rewritten graph: each node's fake value must equal a fresh fake-tensor
+            # propagation, checked by the compiler before `verify` (prunec/compiler.py)
+            os.environ["PRUNEC_CHECK_META"] = "1"
+            try:
+                artifact = prunec.build(path, root / path.stem)
+            finally:
+                del os.environ["PRUNEC_CHECK_META"]
             cache[path] = (prunec.plan(path), prunec.load(artifact))
         return cache[path]
     return get
