@@ -232,6 +232,15 @@ def test_rounding_rules_on_exact_halves(value, half_up, half_even, floor):
         (half_up, half_even, floor)
 
 
+def test_rescaling_rounds_half_up_and_chains():
+    from prunec.schedule import scaled_counts
+
+    # 5 x 0.5 = 2.5 -> 3; 3 x 0.5 = 1.5 -> 2; a stage never keeps more than reaches it, nor fewer than 1
+    assert scaled_counts([5, 3], 16, 0.5) == [3, 2]
+    assert scaled_counts([9, 9], 4, 1.0) == [4, 4]
+    assert scaled_counts([4, 0, 2], 16, 0.1) == [1, 0, 0]
+
+
 def test_float_products_round_as_the_official_code_computes_them():
     from prunec.schedule import ratio_count
 

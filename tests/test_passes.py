@@ -159,6 +159,9 @@ def test_a_token_axis_without_batch_axis_stops_the_build():
     with pytest.raises(BuildError, match="no batch axis"):
         token_axes(no_batch, seq, batch, "table", "site")
     assert token_axes(torch.empty(7, 3), seq, batch, "other", "site") == ([], None)
+    with hidden.meta["val"].fake_mode:
+        sequence_first = torch.empty(seq, batch, 4)
+    assert token_axes(sequence_first, seq, batch, "sequence-first", "site") == ([0], 1)
 
 
 # --------------------------------------------------------------------------- the passes on a tiny Llama
