@@ -138,7 +138,7 @@ class _Tail:
         return env[node]
 
 
-def _propagate_stage(gm: fx.GraphModule, record: StageRecord, rotary_path: str | None) -> None:
+def _propagate_stage(gm: fx.GraphModule, record: StageRecord, rotary_path: str | None) -> list[fx.Node]:
     graph, stage = gm.graph, record.stage
     externals, tail = _tail_inputs(graph, record)
     in_tail = tail.__contains__
