@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from pathlib import Path  # noqa: E402
 
-from .errors import BuildError, PrunecError, SpecError  # noqa: E402
+from .errors import BuildError, PrunecError, PrunecInputError, SpecError  # noqa: E402
 
 
 def load_spec(path):
@@ -41,12 +41,41 @@ def build(spec_path, out_dir: str | Path | None = None) -> Path:
     return emit(compiled, model, target)
 
 
+def compile(model, spec, out_dir: str | Path | None = None):
+    """Prune an already loaded Hugging Face model: `spec` is a spec file's path, its YAML text or a
+    dict; its `model:` entry (if any) is replaced by `model`. Runs the same validation and passes as
+    `build` and returns the pruned module (inputs checked like `load`'s). With `out_dir`, also
+    writes the artifact there (its lock carries the model's config) and returns it loaded."""
+    from .compiler import compile_plan
+    from .emit import emit
+    from .semantics import resolve
+    from .signature import runnable, record
+    from .spec import load_spec_source
+
+    the_plan = resolve(load_spec_source(spec, model_given=True), model=model)
+    model.eval()
+    compiled = compile_plan(the_plan, model)
+    if out_dir is not None:
+        return load(emit(compiled, model, out_dir))
+    signature = record(compiled.program, compiled.context.dynamic_shapes, the_plan.adapter.input_names(),
+                       the_plan.adapter.input_rules(the_plan.lock["inputs"]))
+    return runnable(compiled.program.module(), the_plan.lock.get("backend", "auto"), signature)
+
+
 def load(path: str | Path):
     """Load an artifact directory (or its model.pt2) as a runnable torch.nn.Module. Nothing in the
     artifact is unpickled, and a directory's program must match its manifest digest."""
     from .artifact import load_module
 
     return load_module(path)
+
+
+def load_processor(path: str | Path):
+    """The Hugging Face processor (or tokenizer, for text models) the artifact ships, from the model
+    directory it was built from; PrunecError when the model had none (built from a config)."""
+    from .preprocessing import load_processor as _load
+
+    return _load(Path(path))
 
 
 def load_generator(path: str | Path):
@@ -56,4 +85,4 @@ def load_generator(path: str | Path):
     return Generator(path)
 
 
-__all__ = ["BuildError", "PrunecError", "SpecError", "build", "load", "load_generator", "load_spec", "plan", "__version__"]
+__all__ = ["BuildError", "PrunecError", "PrunecInputError", "SpecError", "build", "compile", "load", "load_generator", "load_processor", "load_spec", "plan", "__version__"]

@@ -125,19 +125,23 @@ def read_manifest(artifact: Path) -> dict:
 
 
 def load_module(path: str | Path, member: str = "model.pt2") -> torch.nn.Module:
-    """`load_program(...).module()`, run under the spec's `backend:` when it is not `auto`."""
+    """`load_program(...).module()`, run under the spec's `backend:` when it is not `auto`; an
+    artifact directory's model program behind the input checks of its recorded signature."""
     import yaml
 
-    from .kernels import WithBackend
+    from .signature import runnable
 
+    manifest = None
     if Path(path).is_dir():
         from .provenance import check_code
 
-        check_code(Path(path), read_manifest(Path(path)))
+        manifest = read_manifest(Path(path))
+        check_code(Path(path), manifest)
     module = load_program(path, member).module()
     lock = Path(path) / "spec.lock.yaml"
     mode = yaml.safe_load(lock.read_text()).get("backend", "auto") if lock.is_file() else "auto"
-    return module if mode == "auto" else WithBackend(module, mode)
+    signature = manifest.get("signature") if manifest is not None and member == "model.pt2" else None
+    return runnable(module, mode, signature)
 
 
 def load_program(path: str | Path, member: str = "model.pt2") -> torch.export.ExportedProgram:

@@ -11,11 +11,26 @@ from typing import Optional
 import typer
 
 from .errors import PrunecError, SpecError, SpecErrors
+from .files import write_atomic
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="prunec: compile YAML token-pruning specs into rewritten, exported models.")
 
 EXIT_USER_ERROR = 2
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"prunec {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """prunec: compile YAML token-pruning specs into rewritten, exported models."""
 
 
 def _fail(exc: PrunecError) -> None:
@@ -67,11 +82,15 @@ def build(spec: Path = typer.Argument(..., help="spec file"),
     from .passes import PIPELINE
 
     steps = ["load model", "capture", *(p.__name__ for p in PIPELINE), "emit"]
+    if quiet:
+        _silence_progress_bars()
     try:
         start = time.perf_counter()
         the_plan = plan(spec)
         if "decode" in the_plan.lock:
             steps[-1:-1] = ["export_prefill", "export_decode"]
+        target = out or Path(the_plan.spec.data.get("output", {}).get("dir", "build"))
+        _check_writable(target)
         if not quiet:
             typer.echo(stage_table(the_plan))
         with _progress(len(steps), enabled=not quiet and sys.stderr.isatty()) as advance:
@@ -79,7 +98,6 @@ def build(spec: Path = typer.Argument(..., help="spec file"),
             model = load_model(the_plan.lock["model"], the_plan.spec.base_dir)
             compiled = compile_plan(the_plan, model, on_step=advance)
             advance("emit")
-            target = out or Path(the_plan.spec.data.get("output", {}).get("dir", "build"))
             path = emit(compiled, model, target)
     except PrunecError as exc:
         _fail(exc)
@@ -91,6 +109,28 @@ def build(spec: Path = typer.Argument(..., help="spec file"),
     typer.echo(f"passes: {timing}")
     typer.echo(f"verified: rewritten graph re-exported with dynamic shapes ({nodes} nodes)")
     typer.echo(f"wrote {path}/ in {time.perf_counter() - start:.1f}s")
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail before minutes of compiling when the output directory cannot be created or written."""
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as exc:
+        raise PrunecError(f"cannot write the artifact to {directory}: {exc.strerror or exc}") from None
+
+
+def _silence_progress_bars() -> None:
+    """--quiet: no loading bars from transformers or the hub (a library prints them to stderr)."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 @contextlib.contextmanager
@@ -119,8 +159,8 @@ def _progress(total: int, enabled: bool):
 
 @app.command()
 def run(artifact: Path = typer.Argument(..., help="artifact directory written by build"),
-        batch: Optional[int] = typer.Option(None, help="batch size (default: the spec's)"),
-        seq_len: Optional[int] = typer.Option(None, help="sequence length (default: the spec's)"),
+        batch: Optional[int] = typer.Option(None, min=1, help="batch size (default: the spec's)"),
+        seq_len: Optional[int] = typer.Option(None, min=1, help="sequence length (default: the spec's)"),
         seed: int = typer.Option(0, help="seed of the random example inputs")) -> None:
     """Run an artifact on seeded example inputs and print what came out."""
     import torch
@@ -128,6 +168,7 @@ def run(artifact: Path = typer.Argument(..., help="artifact directory written by
     from . import load
     from .adapters import adapter_for
     from .adapters.base import ExampleShape
+    from .artifact import read_manifest
     from .models import model_config
 
     try:
@@ -136,6 +177,8 @@ def run(artifact: Path = typer.Argument(..., help="artifact directory written by
         lock = __import__("yaml").safe_load((artifact / "spec.lock.yaml").read_text())
         adapter = adapter_for(model_config(lock["model"], artifact))
         inputs = lock["inputs"]
+        if seq_len is not None:
+            _check_axis(read_manifest(artifact), "seq", seq_len, "--seq-len")
         shape = ExampleShape(batch or inputs["batch"], seq_len or inputs.get("seq_len"), inputs.get("image_size"),
                              inputs.get("images", 1))
         example = adapter.example_inputs(shape, seed)
@@ -151,6 +194,15 @@ def run(artifact: Path = typer.Argument(..., help="artifact directory written by
     typer.echo(f"output: {tuple(output.shape)} {output.dtype}, finite: {bool(torch.isfinite(output).all())}, "
                f"mean {output.float().mean().item():.6f}")
     typer.echo(f"forward: {seconds * 1000:.1f} ms")
+
+
+def _check_axis(manifest: dict, name: str, value: int, flag: str) -> None:
+    """A requested size against the bounds the artifact was built for (its recorded signature)."""
+    from .errors import PrunecInputError
+
+    for axis in manifest.get("signature", {}).get("axes", {}).values():
+        if axis["name"] == name and (value < axis["min"] or (axis["max"] is not None and value > axis["max"])):
+            raise PrunecInputError(f"{flag} {value}: the artifact takes {name} in {axis['min']}..{axis['max']}")
 
 
 @app.command()
@@ -217,7 +269,7 @@ def verify(artifact: Path = typer.Argument(..., help="artifact directory"),
 def viz(target: Path = typer.Argument(..., help="artifact directory, or a spec (built into a temporary directory)"),
         out: Path = typer.Option(..., "-o", "--out", help="output file"),
         image: Optional[Path] = typer.Option(None, help="image file (default: a built-in test card)"),
-        fmt: str = typer.Option("png", "--format", help="png or svg"),
+        fmt: Optional[str] = typer.Option(None, "--format", help="png or svg (default: the output's extension)"),
         seed: int = typer.Option(0, help="seed of the example text tokens")) -> None:
     """Draw a keep-map: the image per stage with kept patches visible and dropped ones dimmed,
     plus tokens per layer and the FLOPs share."""
@@ -228,8 +280,7 @@ def viz(target: Path = typer.Argument(..., help="artifact directory, or a spec (
     from .viz import default_picture, keep_map, render_svg, save
 
     try:
-        if fmt not in ("png", "svg"):
-            raise PrunecError(f"--format must be png or svg, not {fmt!r}")
+        fmt = _image_format(out, fmt)
         picture = _read_image(image) if image else default_picture()
         with tempfile.TemporaryDirectory() as scratch:
             artifact = target if target.is_dir() else build_artifact(target, Path(scratch))
@@ -256,23 +307,39 @@ def generate(artifact: Path = typer.Argument(..., help="artifact directory built
              sample: bool = typer.Option(False, "--sample/--greedy", help="sample instead of greedy decoding"),
              temperature: float = typer.Option(1.0, help="sampling temperature"),
              top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass"),
-             seed: int = typer.Option(0, help="sampling seed, and the seed of example inputs")) -> None:
+             seed: int = typer.Option(0, help="sampling seed, and the seed of example inputs"),
+             raw: bool = typer.Option(False, "--raw", help="send --prompt as written (no chat template)"),
+             ids: bool = typer.Option(False, "--ids", help="print token ids instead of text")) -> None:
     """Generate from an artifact: pruned prefill, then decoding against the per-layer pruned KV cache.
     Without --prompt or --input-ids, runs on seeded example inputs of the spec's shape."""
     from .generate import Generator, Sampling
     from .prompt import prompt_inputs
 
     try:
+        if image is not None:
+            _read_image(image)  # before loading the model: a bad path fails at once
         generator = Generator(artifact)
         sampling = Sampling(do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
-        inputs, tokenizer, note = prompt_inputs(generator, artifact, prompt, image, input_ids, seed)
+        inputs, tokenizer, note = prompt_inputs(generator, artifact, prompt, image, input_ids, seed, raw)
         tokens = generator.generate(*inputs, max_new_tokens=max_new_tokens, sampling=sampling)
     except (PrunecError, ValueError) as exc:
         _fail(exc if isinstance(exc, PrunecError) else PrunecError(str(exc)))
     if note:
         typer.echo(note)
     for row in tokens.tolist():
-        typer.echo(tokenizer.decode(row, skip_special_tokens=True) if tokenizer else " ".join(map(str, row)))
+        typer.echo(tokenizer.decode(row, skip_special_tokens=True) if tokenizer and not ids else " ".join(map(str, row)))
+
+
+def _image_format(out: Path, fmt: str | None) -> str:
+    """The format --format names, else the output's extension; both must be png or svg and agree."""
+    suffix = out.suffix.lower().lstrip(".")
+    if fmt is not None and fmt not in ("png", "svg"):
+        raise PrunecError(f"--format must be png or svg, not {fmt!r}")
+    if suffix and suffix not in ("png", "svg"):
+        raise PrunecError(f"{out}: keep-maps are written as .png or .svg, not .{suffix}")
+    if fmt and suffix and fmt != suffix:
+        raise PrunecError(f"--format {fmt} but {out} ends in .{suffix}; make them agree")
+    return fmt or suffix or "png"
 
 
 def _read_image(path: Path):
@@ -331,9 +398,19 @@ def methods(name: Optional[str] = typer.Argument(None, help="one method: its par
         typer.echo(f"{'':<{width}} source: {row['source']}")
 
 
+def _task_names() -> list[str]:
+    """The eval tasks, one module each in prunec/evals/ (named like the task), listed without
+    importing them: `--help` stays fast. tests/test_cli.py checks this equals the task registry."""
+    import importlib.util
+    import pkgutil
+
+    folder = importlib.util.find_spec(f"{__package__}.evals").submodule_search_locations
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(folder) if not m.name.startswith("_"))
+
+
 @app.command("eval")
 def eval_(spec: Path = typer.Argument(..., help="spec file (its pipeline is applied to the task's zoo model)"),
-          task: str = typer.Option(..., "--task", help="digits-vqa | dinov2-probe | smollm2-text"),
+          task: str = typer.Option(..., "--task", help=" | ".join(_task_names())),
           limit: Optional[int] = typer.Option(500, min=1, help="held-out examples (default 500)"),
           keep: Optional[float] = typer.Option(None, min=0.0, max=1.0,
                                                help="rescale the budgets so the last stage keeps this share"),
@@ -419,8 +496,11 @@ def schema(out: Optional[Path] = typer.Option(None, "-o", "--out", help="write t
     text = json.dumps(spec_schema(), indent=2) + "\n"
     if out is None:
         typer.echo(text, nl=False)
-    else:
-        out.write_text(text)
+        return
+    try:
+        write_atomic(out, text)
+    except OSError as exc:
+        _fail(PrunecError(f"cannot write {out}: {exc.strerror or exc}"))
 
 
 def main() -> None:
@@ -428,6 +508,10 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except OSError as exc:  # a file or directory the user named cannot be read or written
+        where = f" {exc.filename}" if exc.filename else ""
+        typer.echo(f"error: cannot use{where}: {exc.strerror or exc}", err=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from .flops import estimate
 from .models import model_identity
 from .provenance import code_record
 from .schedule import stage_tokens
-from .semantics import dump_lock
+from .semantics import PROVIDED_CONFIG, dump_lock
+from .signature import record as record_signature
 
 MANIFEST_VERSION = 1
 
@@ -91,6 +92,8 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
             "identity_sha256": model_identity(model),
         },
         "inputs": {"names": list(plan.adapter.input_names()), **inputs},
+        "signature": record_signature(compiled.program, compiled.context.dynamic_shapes,
+                                      plan.adapter.input_names(), plan.adapter.input_rules(inputs)),
         "versions": versions(),
         "stages": stages,
         "flops": estimate(plan),
@@ -122,8 +125,35 @@ def decode_manifest(plan) -> dict:
     }
 
 
+# What a processor or tokenizer is made of in a from_pretrained directory: the artifact carries these
+# so `prunec.load_processor(ART)` needs nothing but the artifact.
+PREPROCESSING_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+                       "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                       "chat_template.json", "chat_template.jinja", "generation_config.json")
+
+
+def copy_preprocessing(plan, target: Path) -> dict:
+    """Copy the model directory's processor/tokenizer files into the artifact; describe them."""
+    from .models import pretrained_dir
+
+    source = pretrained_dir(plan.lock["model"], plan.spec.base_dir)
+    files = [name for name in PREPROCESSING_FILES if source is not None and (source / name).is_file()]
+    for name in files:
+        shutil.copyfile(source / name, target / name)
+    config = plan.adapter.config
+    image_token = getattr(config, "image_token_id", None)
+    return {"files": files, "image_token_id": image_token,
+            "chat_template": any(n.startswith("chat_template") for n in files) or _has_template(target)}
+
+
+def _has_template(folder: Path) -> bool:
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and "chat_template" in json.loads(config.read_text())
+
+
 def emit(compiled: Compiled, model: torch.nn.Module, out_dir: str | Path) -> Path:
-    """Write the artifact to `out_dir/<name>/` and return that path."""
+    """Write the artifact to `out_dir/<name>/` and return that path. A plan compiled from a model
+    object (`prunec.compile`) also gets that model's config, which its lock names."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = compiled.plan.spec.name
@@ -148,7 +178,12 @@ def emit(compiled: Compiled, model: torch.nn.Module, out_dir: str | Path) -> Pat
             programs[f"{name}.pt2"] = program_digest(staging / f"{name}.pt2")
         (staging / "module.py").write_text(module_code)
         (staging / "spec.lock.yaml").write_text(lock_text)
+        if compiled.plan.lock["model"].get("config") == PROVIDED_CONFIG:
+            (staging / PROVIDED_CONFIG).write_text(model.config.to_json_string())
+        preprocessing = copy_preprocessing(compiled.plan, staging)
         data = manifest(compiled, model, module_code, lock_text, programs)
+        data["preprocessing"] = preprocessing
+        data["files"].update({name: _sha256((staging / name).read_bytes()) for name in preprocessing["files"]})
         (staging / "manifest.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         for path in staging.iterdir():
             with open(path, "rb") as handle:

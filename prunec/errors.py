@@ -52,3 +52,8 @@ class SpecErrors(PrunecError):
 
 class BuildError(PrunecError):
     """Capture, a graph pass or emission failed. Names the pass that failed."""
+
+
+class PrunecInputError(PrunecError, ValueError):
+    """An input given to an artifact at run time that it does not accept: names the input and what
+    the artifact takes."""

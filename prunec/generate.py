@@ -54,6 +54,7 @@ class Generator:
         self.step = load_module(artifact, "decode.pt2")
         self.layers = len(manifest["decode"]["cache_lengths"])
         self.position_offset = manifest["decode"]["position_offset"]
+        self.signature = manifest.get("signature")  # the prefill takes the model program's inputs
         lock = yaml.safe_load((artifact / "spec.lock.yaml").read_text())
         from .adapters import adapter_for
         from .models import model_config
@@ -79,6 +80,11 @@ class Generator:
         eos_token_id: -1 = the model config's, None = never stop early.
         Returns [B, T] token ids, or (ids, [B, T, V] logits each token was chosen from)."""
         eos = self.eos_token_id if eos_token_id == -1 else eos_token_id
+        if self.signature is not None:
+            from .signature import check_inputs
+
+            weight = next(iter(self.prefill.parameters()), None)
+            inputs = check_inputs(self.signature, inputs, {}, weight.device if weight is not None else None)
         input_ids = inputs[0]
         batch, seq_len = input_ids.shape
         generator = None

@@ -80,6 +80,11 @@ def _pretrained_dir(source: dict[str, Any], base_dir: Path) -> Path:
     return base_dir / source["path"]
 
 
+def pretrained_dir(source: dict[str, Any], base_dir: Path) -> Path | None:
+    """The spec's from_pretrained directory (a `path` or a zoo entry), or None for configs."""
+    return _pretrained_dir(source, base_dir) if ("path" in source or "zoo" in source) else None
+
+
 def model_config(source: dict[str, Any], base_dir: Path) -> transformers.PretrainedConfig:
     """The config of the spec's model, without building weights (used by semantic validation)."""
     if "builtin" in source:

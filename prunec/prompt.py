@@ -11,14 +11,14 @@ from .errors import PrunecError
 
 
 def prompt_inputs(generator, artifact: Path, prompt: str | None, image: Path | None, input_ids: str | None,
-                  seed: int):
+                  seed: int, raw: bool = False):
     """(model inputs, tokenizer or None, a note for the user or None)."""
     lock = yaml.safe_load((artifact / "spec.lock.yaml").read_text())
     adapter = generator.adapter
     if prompt is not None and input_ids is not None:
         raise PrunecError("give --prompt or --input-ids, not both")
     if prompt is not None:
-        return _from_prompt(lock, generator, prompt, image)
+        return _from_prompt(artifact, lock, generator, prompt, image, raw)
     if image is not None:
         raise PrunecError("--image needs --prompt (the processor places the image tokens)")
     if input_ids is not None:
@@ -36,26 +36,35 @@ def prompt_inputs(generator, artifact: Path, prompt: str | None, image: Path | N
     return adapter.example_inputs(shape, seed), None, f"no prompt: seeded example inputs {shape} (seed {seed})"
 
 
-def _from_prompt(lock: dict, generator, prompt: str, image: Path | None):
-    adapter = generator.adapter
-    if "path" not in lock["model"]:
-        raise PrunecError("this model was built from a config (no tokenizer); use --input-ids or no prompt")
-    path = lock["model"]["path"]
-    if adapter.needs_image:
-        from transformers import AutoProcessor
+def chat_text(processor, prompt: str, with_image: bool) -> str:
+    """The prompt as one user turn of the model's chat template (with the image first when there is
+    one), ending where the assistant answers; the prompt as written when there is no template."""
+    if getattr(processor, "chat_template", None) is None:
+        return prompt
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
 
+
+def _from_prompt(artifact: Path, lock: dict, generator, prompt: str, image: Path | None, raw: bool):
+    from .preprocessing import load_processor
+
+    adapter = generator.adapter
+    processor = load_processor(artifact)
+    if adapter.needs_image:
         if image is None:
             raise PrunecError(f"family {adapter.family} needs --image with --prompt")
         from PIL import Image
 
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        batch = processor(images=Image.open(image).convert("RGB"), text=prompt, return_tensors="pt")
+        placeholder = getattr(processor, "image_token", None) or "<image>"
+        text = prompt if raw else chat_text(processor, prompt.replace(placeholder, "").strip(), True)
+        if placeholder not in text:
+            text = f"{placeholder}\n{text}"
+        batch = processor(images=Image.open(image).convert("RGB"), text=text, return_tensors="pt")
         return (batch["input_ids"], batch["attention_mask"], batch["pixel_values"]), processor.tokenizer, None
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    batch = tokenizer(prompt, return_tensors="pt")
-    return _fit_text(lock, generator, batch["input_ids"], batch["attention_mask"]), tokenizer, None
+    text = prompt if raw else chat_text(processor, prompt, False)
+    batch = processor(text, return_tensors="pt", add_special_tokens=raw or processor.chat_template is None)
+    return _fit_text(lock, generator, batch["input_ids"], batch["attention_mask"]), processor, None
 
 
 def _fit_text(lock: dict, generator, ids: torch.Tensor, mask: torch.Tensor):

@@ -9,7 +9,7 @@ from .models import BUILTIN_CONFIGS
 from .zoo import entries as zoo_entries
 
 SPEC_VERSION = 1
-SITE_PATTERN = r"^(?:(?:llm|vision|encoder)\.layers\[\s*\d+(?:\s*,\s*\d+)*\s*\]|projector\.output|vision\.output)$"
+SITE_PATTERN = r"^(?:(?:llm|vision|encoder)\.layers\[\s*-?\d+(?:\s*,\s*-?\d+)*\s*\]|projector\.output|vision\.output)$"
 MAX_SEED = 2**32 - 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
@@ -129,10 +129,16 @@ def spec_schema() -> dict[str, Any]:
                         "type": "object",
                         "additionalProperties": False,
                         "minProperties": 1,
-                        "maxProperties": 1,
-                        "properties": {"count": _one_or_list(count), "ratio": _one_or_list(ratio)},
+                        "properties": {"count": _one_or_list(count), "ratio": _one_or_list(ratio),
+                                       "of": {"enum": ["input", "stage"],
+                                              "description": "what a ratio counts from: the model's original "
+                                                             "candidates (input, the default) or those reaching "
+                                                             "this stage (stage)"}},
+                        "oneOf": [{"required": ["count"]}, {"required": ["ratio"]}],
+                        "dependentRequired": {"of": ["ratio"]},
                         "description": "count of candidates kept (0 drops them all, e.g. ToDRE's stage 2), "
-                                       "or ratio of the original candidates",
+                                       "or ratio of the original candidates (`of: stage`: of those reaching "
+                                       "the stage)",
                     },
                     "positions": {"enum": ["keep_original", "renumber"]},
                     "rounding": {"enum": ["half_up", "half_even", "floor"],

@@ -2,6 +2,7 @@
 Plan: the adapter, and stages with site lists expanded and budgets turned into counts."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -17,7 +18,7 @@ from .yaml_loader import PositionedDoc
 DEFAULT_INPUTS = {"batch": 2, "seed": 0}
 DEFAULT_MODEL = {"seed": 0, "dtype": "float32", "attn_implementation": "sdpa"}
 _DOMAIN_ORDER = {"vision": 0, "llm": 1, "encoder": 1}  # a VLM runs its vision tower first
-_LAYER_SITE = re.compile(r"^(llm|vision|encoder)\.layers\[([\d,\s]+)\]$")
+_LAYER_SITE = re.compile(r"^(llm|vision|encoder)\.layers\[([-\d,\s]+)\]$")
 
 
 
@@ -30,7 +31,8 @@ def parse_site(site: str) -> list[tuple[str, int | None]]:
 
 
 def _budget_values(keep: dict, n_sites: int, pointer: str, spec: Spec) -> list[tuple[str, Any]]:
-    (kind, value), = keep.items()
+    kind = "count" if "count" in keep else "ratio"
+    value = keep[kind]
     if isinstance(value, list):
         if len(value) != n_sites:
             raise SpecError(f"expected {n_sites} budgets (one per layer in the site list), got {len(value)}",
@@ -44,9 +46,11 @@ def resolve_count(kind: str, value: Any, original: int, rounding: str) -> int:
     return int(value) if kind == "count" else ratio_count(value, original, rounding)
 
 
-def resolve(spec: Spec) -> Plan:
-    """Check the spec against its model and resolve budgets into counts."""
-    model_src, config, adapter = _check_model(spec)
+def resolve(spec: Spec, model=None) -> Plan:
+    """Check the spec against its model and resolve budgets into counts. With `model` (a loaded HF
+    model, `prunec.compile`), the spec's `model:` is replaced by it: its config decides, and the
+    lock names the `model-config.json` the artifact then carries."""
+    model_src, config, adapter = _check_model(spec) if model is None else _provided_model(spec, model)
     inputs = _check_inputs(spec, adapter, config)
     if spec.data.get("output", {}).get("logits") == "last" and not adapter.generates:
         raise SpecError(f"output.logits: last applies to causal LMs; family {adapter.family} returns hidden states",
@@ -145,6 +149,25 @@ def _check_model(spec: Spec):
         raise SpecError(f"model is family {adapter.family!r} (model_type {config.model_type!r}), "
                         f"not {model_src['family']!r}", spec.locate("/model/family"))
     return model_src, config, adapter
+
+
+PROVIDED_CONFIG = "model-config.json"  # beside the lock in an artifact compiled from a model object
+
+
+def _provided_model(spec: Spec, model):
+    from .adapters import adapter_for
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise BuildError(f"prunec.compile takes a Hugging Face model (with .config), not {type(model).__name__}")
+    try:
+        adapter = adapter_for(config)
+    except (KeyError, ValueError) as exc:
+        raise BuildError(f"cannot use this model: {exc}") from None
+    parameter = next(iter(model.parameters()), None)
+    dtype = str(parameter.dtype).removeprefix("torch.") if parameter is not None else "float32"
+    attn = getattr(config, "_attn_implementation", None) or "sdpa"
+    return {"config": PROVIDED_CONFIG, "dtype": dtype, "attn_implementation": attn}, config, adapter
 
 
 def _check_inputs(spec: Spec, adapter, config) -> dict[str, Any]:
@@ -251,9 +274,17 @@ def _locate(spec: Spec, adapter, info, where: str, layer: int | None, site_ptr: 
     if where not in domains:
         raise SpecError(_site_help(adapter, domains, f"site domain {where!r}"), spec.locate(site_ptr))
     n_layers = domains[where].num_layers
-    if layer >= n_layers:
+    if not -n_layers <= layer < n_layers:
         raise SpecError(f"layer {layer} is out of range: {where} has {n_layers} layers "
-                        f"(0..{n_layers - 1}; sites are 0-indexed)", spec.locate(site_ptr))
+                        f"(0..{n_layers - 1}, or -{n_layers}..-1 from the end; sites are 0-indexed)",
+                        spec.locate(site_ptr))
+    layer %= n_layers
+    if layer == n_layers - 1 and adapter.generates:
+        # a decoder's last layer feeds only the LM head: a cut there saves nothing and drops output
+        # positions (an encoder's last-layer cut shortens the output sequence, which is its use)
+        raise SpecError(f"layer {layer} is the last of {where}'s {n_layers} layers: no layer runs after it, so "
+                        f"pruning there saves nothing; the last useful site is {where}.layers[{layer - 1}]",
+                        spec.locate(site_ptr))
     return where, f"{where}.layers[{layer}]", layer
 
 
@@ -355,10 +386,16 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             _check_produced(spec, info, params, domain, stages, ptr)
             out_of_scope = layout.out_of_scope(info.scope, available)
             rounding = raw.get("rounding") or method_rounding(info.name, params)
-            n_keep = resolve_count(kind, value, layout.scope_original(info.scope, original), rounding) + out_of_scope
+            of = raw["keep"].get("of", "input")
+            base = available - out_of_scope if of == "stage" else layout.scope_original(info.scope, original)
+            n_keep = resolve_count(kind, value, base, rounding) + out_of_scope
             if n_keep > available:
-                raise SpecError(f"budget keeps {n_keep - out_of_scope} tokens but only {available - out_of_scope} "
-                                f"candidates reach {site}{layout.scope_words(info.scope)}",
+                reach = available - out_of_scope
+                fits = (f"count: {reach}" if kind == "count" else
+                        f"ratio: {math.floor(reach / base * 10**4) / 10**4:g} (of the original {base}), or a ratio "
+                        "with `of: stage` (of those reaching the stage)")
+                raise SpecError(f"budget keeps {n_keep - out_of_scope} tokens but only {reach} candidates reach "
+                                f"{site}{layout.scope_words(info.scope)}; at most {fits}",
                                 spec.locate(f"{ptr}/keep/{kind}"))
             if info.per_image and layout.count > 1 and n_keep % layout.count:
                 raise SpecError(f"{info.name} keeps the same count in each of the {layout.count} images; "
@@ -381,7 +418,7 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             cut_after[domain] = layer
             stages.append(Stage(ptr, site, domain, layer, info.name, action, tuple(sorted(params.items())),
                                 positions, protect, (kind, value), available, n_keep,
-                                layout.query if info.scope else 0, rounding))
+                                layout.query if info.scope else 0, rounding, of))
     return tuple(stages)
 
 
@@ -401,7 +438,7 @@ def _check_signals(spec: Spec, adapter, info, params: dict, domain: str, site: s
                    model_src: dict, ptr: str) -> None:
     """The method can get its signals at this site of this model."""
     from .adapters.base import Adapter
-    from .methods import NEXT_LAYER_SIGNALS, QK_SIGNALS
+    from .methods import QK_SIGNALS
     from .signals import signal_names
 
     site_ptr = f"{ptr}/site"
@@ -416,9 +453,6 @@ def _check_signals(spec: Spec, adapter, info, params: dict, domain: str, site: s
         raise SpecError(f"method {info.name} works at {', '.join(info.layer_domains)} layer sites or before the "
                         f"LLM ({', '.join(adapter.output_sites) or 'none here'}), not {site}", spec.locate(site_ptr))
     signals = set(info.signals)
-    if NEXT_LAYER_SIGNALS & signals and layer == adapter.domains()[domain].num_layers - 1:
-        raise SpecError(f"method {info.name} scores with the next layer's q/k, and {site} is the "
-                        "last layer; choose an earlier site", spec.locate(site_ptr))
     if QK_SIGNALS & signals and model_src["attn_implementation"] != "sdpa":
         raise SpecError(f"method {info.name} reads q/k from an sdpa call; set "
                         "model.attn_implementation: sdpa", spec.locate(f"{ptr}/method"))
@@ -466,7 +500,7 @@ def _lock(data: dict, model_src: dict, inputs: dict, stages: list[Stage], spec: 
     itself a valid spec and rebuilds the same artifact."""
     model = dict(model_src)
     for key in ("path", "config"):
-        if key in model:
+        if key in model and model[key] != PROVIDED_CONFIG:
             model[key] = str((spec.base_dir / model[key]).resolve())
     lock = {
         "prunec": 1,
@@ -476,7 +510,8 @@ def _lock(data: dict, model_src: dict, inputs: dict, stages: list[Stage], spec: 
         "inputs": inputs,
         "pipeline": [
             {"site": s.site, "action": s.action, "method": s.method, "params": s.param_dict,
-             "keep": {s.keep_spec[0]: s.keep_spec[1]}, "rounding": s.rounding, "positions": s.positions,
+             "keep": {s.keep_spec[0]: s.keep_spec[1], **({"of": "stage"} if s.keep_of == "stage" else {})},
+             "rounding": s.rounding, "positions": s.positions,
              "protect": list(s.protect)}
             for s in stages
         ],

@@ -47,6 +47,7 @@ class Stage:
     n_keep: int = 0               # candidates per row kept
     query_tokens: int = 0         # image-scoped methods: the query (last) image's candidates entering the stage
     rounding: str = "half_up"     # ratio -> count: the stage's `rounding:`, else its method's official rule
+    keep_of: str = "input"        # a ratio counts from the original candidates (input) or those reaching (stage)
 
     @property
     def param_dict(self) -> dict[str, Any]:
@@ -234,6 +235,15 @@ def _schema_error(err: jsonschema.ValidationError, doc: PositionedDoc) -> SpecEr
                      doc.locate(pointer))
 
 
+def _pattern_words() -> dict[str, str]:
+    from .schema import NAME_PATTERN, SITE_PATTERN
+
+    return {SITE_PATTERN: "expected a site: llm.layers[i] (after 0-indexed layer i; -1 is the last), a list "
+                          "llm.layers[i, j], vision.layers[i], encoder.layers[i], projector.output or vision.output",
+            NAME_PATTERN: "expected a name of letters, digits, '.', '_' or '-' (at most 100, starting with a "
+                          "letter or digit)"}
+
+
 def _expected(err: jsonschema.ValidationError) -> str:
     v, s = err.validator, err.schema
     if v == "type":
@@ -243,14 +253,16 @@ def _expected(err: jsonschema.ValidationError) -> str:
     if v == "const":
         return f"expected {s['const']!r}"
     if v == "pattern":
-        return f"expected a string matching {s['pattern']}"
+        return _pattern_words().get(s["pattern"], f"expected a string matching {s['pattern']}")
     if v in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
         word = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}[v]
         return f"expected a number {word} {s[v]}"
     if v == "required":
         return ""
-    if v in ("minProperties", "maxProperties") and "count" in s.get("properties", {}):
+    if v in ("minProperties", "oneOf") and "count" in s.get("properties", {}):
         return "expected exactly one of `count` or `ratio`"
+    if v == "dependentRequired":
+        return "`of` applies to a ratio budget"
     if v == "uniqueItems":
         return "expected unique items"
     if v == "minItems":
@@ -270,3 +282,35 @@ def load_spec(path: str | Path) -> Spec:
     if errors:
         raise errors[0] if len(errors) == 1 else SpecErrors(errors)
     return Spec(path, merged_doc, data)
+
+
+def load_spec_source(source: str | Path | dict, model_given: bool = False) -> Spec:
+    """A spec from a file path, YAML text or a dict (`prunec.compile`). Text and dicts are read as
+    a file in a temporary directory; a relative `extends:` in them is relative to the current
+    directory. With `model_given`, a spec may leave out `model:` (the caller supplies the model)."""
+    import tempfile
+
+    import yaml
+
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
+        return load_spec(source)
+    if isinstance(source, dict):
+        data = dict(source)
+    elif isinstance(source, str):
+        data = yaml.safe_load(source)
+        if not isinstance(data, dict):
+            raise SpecError("a spec given as text must be a YAML mapping (or pass a file path ending in .yaml)")
+    else:
+        raise SpecError(f"a spec is a file path, YAML text or a dict, not {type(source).__name__}")
+    changed = False
+    if isinstance(data.get("extends"), str) and not Path(data["extends"]).is_absolute():
+        data["extends"], changed = str(Path(data["extends"]).resolve()), True
+    if model_given and "model" not in data:
+        from .semantics import PROVIDED_CONFIG
+
+        data["model"], changed = {"config": PROVIDED_CONFIG}, True
+    text = source if isinstance(source, str) and not changed else yaml.safe_dump(data, sort_keys=False)
+    with tempfile.TemporaryDirectory(prefix="prunec-spec-") as folder:
+        path = Path(folder) / "spec.yaml"
+        path.write_text(text)
+        return load_spec(path)

@@ -48,7 +48,8 @@ def verify_artifact(artifact: str | Path, rebuild: bool = False) -> Report:
                             f"format {MANIFEST_VERSION}")
     report = Report()
     recorded = manifest.get("files", {})
-    for name in ("module.py", "spec.lock.yaml"):
+    for name in ("module.py", "spec.lock.yaml", *sorted(n for n in recorded if n not in ("module.py", "spec.lock.yaml")
+                                                         and not n.endswith(".pt2"))):
         path = artifact / name
         report.check(path.is_file() and _sha256(path) == recorded.get(name), f"{name} sha256")
     for name in sorted({"model.pt2", *(n for n in recorded if n.endswith(".pt2"))}):

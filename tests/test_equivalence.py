@@ -131,13 +131,13 @@ LLAVA_SPECS = {
         pipeline:
           - {site: "llm.layers[0]", method: fastv, params: {query: all}, keep: {count: 6}, positions: renumber}
     """,
-    "fastv-last-layer": """
+    "fastv-last-useful-layer": """
         prunec: 1
-        name: fastv-last-layer
+        name: fastv-last-useful-layer
         model: {builtin: tiny-llava}
         inputs: {batch: 2, seq_len: 30}
         pipeline:
-          - {site: "llm.layers[3]", method: fastv, keep: {count: 5}}
+          - {site: "llm.layers[2]", method: fastv, keep: {count: 5}}
     """,
     "keep-original-then-renumber": """
         prunec: 1

@@ -103,7 +103,7 @@ CASES = [
      "tome merges at most 8 of 16 tokens in one stage"),
     ("triton-backend-without-kernels", {"s.yaml": variant(replace={9: "  - site: projector.output", 10: "    method: holov"},
                                                           append="backend: triton\n")}, 12, "no Triton kernel for holov"),
-    ("bad-name", {"s.yaml": variant(replace={2: "name: a/b"})}, 2, "expected a string matching"),
+    ("bad-name", {"s.yaml": variant(replace={2: "name: a/b"})}, 2, "expected a name of letters, digits"),
     ("extends-missing-file", {"s.yaml": "prunec: 1\nextends: nowhere.yaml\nname: x\n"}, 2, "does not exist"),
     ("attention-needs-sdpa", {"s.yaml": variant(replace={4: "  builtin: tiny-llava\n  attn_implementation: eager"})},
      11, "set model.attn_implementation: sdpa"),
@@ -117,7 +117,7 @@ CASES = [
      "budget keeps 24 tokens but only 16 candidates reach llm.layers[1] in the query image"),
     ("ratio-keeps-nothing", {"s.yaml": variant(replace={11: "    keep: {ratio: 0.01}"})}, 11, "keeps 0 of 16"),
     ("later-stage-over-budget", {"s.yaml": TWO_STAGES}, 14, "only 8 candidates reach llm.layers[1]"),
-    ("malformed-site", {"s.yaml": variant(replace={9: "  - site: llm.layer[1]"})}, 9, "expected a string matching"),
+    ("malformed-site", {"s.yaml": variant(replace={9: "  - site: llm.layer[1]"})}, 9, "expected a site: llm.layers[i]"),
     ("alias-bomb", {"s.yaml": "a: &a [1, 2]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
                               "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c]\n"},
      1, "alias expansions"),  # reported at the anchored node that is expanded too often
@@ -173,7 +173,7 @@ CASES = [
                                                  "output: {logits: last}\n"}, 5, "applies to causal LMs"),
     ("pyramiddrop-at-the-last-layer", {"s.yaml": variant(replace={9: "  - site: llm.layers[3]",
                                                                   10: "    method: pyramiddrop"})}, 9,
-     "is the last layer"),
+     "is the last of llm's 4 layers: no layer runs after it"),
 ]
 
 

@@ -75,6 +75,12 @@ class Adapter:
     def default_image_size(self) -> int | None:
         return None
 
+    def input_rules(self, inputs: dict[str, Any]) -> list[dict]:
+        """Run-time facts about the inputs beyond dtypes and shapes, as data for `prunec.signature`:
+        `values` (an input's value range), `count_per_row` (a token's count in each row),
+        `rows_per_row` (an input's leading size per row of another)."""
+        return []
+
     def seq_len_range(self) -> tuple[int, int]:
         """Sequence lengths the model accepts (text families)."""
         return 2, self.config.max_position_embeddings
@@ -167,6 +173,11 @@ def random_token_ids(shape: tuple[int, int], vocab_size: int, avoid: set[int], g
     return allowed[torch.randint(len(allowed), shape, generator=generator)]
 
 
+def token_rules(vocab_size: int) -> list[dict]:
+    return [{"kind": "values", "input": "input_ids", "min": 0, "max": vocab_size - 1, "what": "token ids"},
+            {"kind": "values", "input": "attention_mask", "min": 0, "max": 1, "what": "mask values"}]
+
+
 def last_logits(output: dict | None) -> bool:
     return (output or {}).get("logits") == "last"
 
@@ -195,6 +206,9 @@ class TextAdapter(Adapter):
 
     def input_names(self):
         return ("input_ids", "attention_mask")
+
+    def input_rules(self, inputs):
+        return token_rules(self.config.vocab_size)
 
     def example_inputs(self, shape: ExampleShape, seed: int):
         gen = torch.Generator().manual_seed(seed)

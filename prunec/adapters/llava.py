@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import register_adapter
 from .base import (LLAMA_SUB_BLOCKS, Adapter, Domain, ExampleShape, batch_dim, last_logits,
-                   llama_attention_dims, module_path, random_token_ids)
+                   llama_attention_dims, module_path, random_token_ids, token_rules)
 
 _LLM = "hf.model.language_model"
 _PROJECTOR = "hf.model.multi_modal_projector"
@@ -88,6 +88,14 @@ class LlavaAdapter(Adapter):
 
     def input_names(self):
         return ("input_ids", "attention_mask", "pixel_values")
+
+    def input_rules(self, inputs):
+        images = inputs.get("images", 1)
+        return [*token_rules(self.config.text_config.vocab_size),
+                {"kind": "count_per_row", "input": "input_ids", "token": self.config.image_token_id,
+                 "count": images * self.image_tokens_per_image(), "what": "image tokens"},
+                {"kind": "rows_per_row", "input": "pixel_values", "per": "input_ids", "count": images,
+                 "what": "images"}]
 
     def seq_len_range(self):
         return self.image_tokens_per_image() + 2, self.config.text_config.max_position_embeddings

@@ -51,6 +51,14 @@ class _VisionAdapter(Adapter):
     def default_image_size(self):
         return self.config.image_size
 
+    def input_rules(self, inputs):
+        # The capture keeps the image side symbolic (the token axis is derived from it), but HF's
+        # position-embedding interpolation takes its same-size shortcut during export, so the
+        # program only computes correctly at the size it was built for.
+        side = inputs["image_size"]
+        return [{"kind": "fixed_axes", "input": "pixel_values", "axes": {"2": side, "3": side}, "what": "images of",
+                 "why": f"position embeddings were captured for {side} px"}]
+
     def leading_tokens(self) -> int:
         """[CLS] plus any register tokens, which sit before the patches."""
         return 1 + int(getattr(self.config, "num_register_tokens", 0) or 0)
