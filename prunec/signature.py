@@ -199,6 +199,12 @@ class CheckedModule(torch.nn.Module):
     def input_names(self) -> tuple[str, ...]:
         return tuple(entry["name"] for entry in self.signature["inputs"])
 
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The exported program's GraphModule (under any backend wrapper), e.g. for an fx.Interpreter."""
+        inner = self.program
+        return getattr(inner, "module", inner) if not isinstance(inner, torch.fx.GraphModule) else inner
+
     def forward(self, *args, **kwargs):
         weight = next(iter(self.program.parameters()), None)
         inputs = check_inputs(self.signature, args, dict(kwargs), weight.device if weight is not None else None)

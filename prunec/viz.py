@@ -31,8 +31,10 @@ def dim(value: int) -> int:
     return value // 4 + 96
 
 
-def record_selections(module: fx.GraphModule, inputs: tuple) -> list[torch.Tensor]:
-    """Run the module once; return each selection op's [B, K] keep indices, in graph order."""
+def record_selections(module: torch.nn.Module, inputs: tuple) -> list[torch.Tensor]:
+    """Run the module (a loaded artifact, or its GraphModule) once; return each selection op's [B, K]
+    keep indices, in graph order."""
+    module = getattr(module, "graph_module", module)
     found: list[torch.Tensor] = []
 
     class Recorder(fx.Interpreter):
