@@ -49,7 +49,7 @@ def compile(model, spec, out_dir: str | Path | None = None):
     from .compiler import compile_plan
     from .emit import emit
     from .semantics import resolve
-    from .signature import runnable, record
+    from .signature import compiled_signature, runnable
     from .spec import load_spec_source
 
     the_plan = resolve(load_spec_source(spec, model_given=True), model=model)
@@ -57,9 +57,7 @@ def compile(model, spec, out_dir: str | Path | None = None):
     compiled = compile_plan(the_plan, model)
     if out_dir is not None:
         return load(emit(compiled, model, out_dir))
-    signature = record(compiled.program, compiled.context.dynamic_shapes, the_plan.adapter.input_names(),
-                       the_plan.adapter.input_rules(the_plan.lock["inputs"]))
-    return runnable(compiled.program.module(), the_plan.lock.get("backend", "auto"), signature)
+    return runnable(compiled.program.module(), the_plan.lock.get("backend", "auto"), compiled_signature(compiled))
 
 
 def load(path: str | Path):

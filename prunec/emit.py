@@ -32,7 +32,7 @@ from .models import model_identity
 from .provenance import code_record
 from .schedule import stage_tokens
 from .semantics import PROVIDED_CONFIG, dump_lock
-from .signature import record as record_signature
+from .signature import compiled_signature
 
 MANIFEST_VERSION = 1
 
@@ -92,8 +92,7 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
             "identity_sha256": model_identity(model),
         },
         "inputs": {"names": list(plan.adapter.input_names()), **inputs},
-        "signature": record_signature(compiled.program, compiled.context.dynamic_shapes,
-                                      plan.adapter.input_names(), plan.adapter.input_rules(inputs)),
+        "signature": compiled_signature(compiled),
         "versions": versions(),
         "stages": stages,
         "flops": estimate(plan),

@@ -65,6 +65,13 @@ def record(program: torch.export.ExportedProgram, dynamic_shapes, input_names, r
     return {"inputs": inputs, "axes": axes, "rules": rules}
 
 
+def compiled_signature(compiled) -> dict:
+    """The signature of a compiled plan's program (what `emit` records and `prunec.compile` checks)."""
+    plan = compiled.plan
+    return record(compiled.program, compiled.context.dynamic_shapes, plan.adapter.input_names(),
+                  plan.adapter.input_rules(plan.lock["inputs"]))
+
+
 def _shape_words(entry: dict, axes: dict) -> str:
     parts = []
     for size in entry["shape"]:
