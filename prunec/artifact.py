@@ -104,16 +104,6 @@ def program_digest(path: str | Path, data: bytes | None = None) -> str:
     return digest.hexdigest()
 
 
-def weights_digest(program: torch.export.ExportedProgram) -> str:
-    """sha256 over the program's parameters, buffers and constants (name, dtype, shape, bytes)."""
-    digest = hashlib.sha256()
-    tensors = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
-    for name, tensor in sorted(tensors.items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def read_manifest(artifact: Path) -> dict:
     path = artifact / "manifest.json"
     if not path.is_file():
@@ -124,32 +114,62 @@ def read_manifest(artifact: Path) -> dict:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
 
 
-def load_module(path: str | Path, member: str = "model.pt2") -> torch.nn.Module:
+def load_module(path: str | Path, member: str = "model.pt2",
+                weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """`load_program(...).module()`, run under the spec's `backend:` when it is not `auto`; an
     artifact directory's model program behind the input checks of its recorded signature."""
     import yaml
 
     from .signature import runnable
 
+    path, member = _artifact_member(Path(path), member)
     manifest = None
-    if Path(path).is_dir():
+    if path.is_dir():
         from .provenance import check_code
 
         manifest = read_manifest(Path(path))
         check_code(Path(path), manifest)
-    module = load_program(path, member).module()
+    module = load_program(path, member, weights).module()
     lock = Path(path) / "spec.lock.yaml"
     mode = yaml.safe_load(lock.read_text()).get("backend", "auto") if lock.is_file() else "auto"
     signature = manifest.get("signature") if manifest is not None and member == "model.pt2" else None
     return runnable(module, mode, signature)
 
 
-def load_program(path: str | Path, member: str = "model.pt2") -> torch.export.ExportedProgram:
-    """Load an artifact directory's `member` program (digest checked against its manifest) or a
-    bare .pt2 file."""
-    from . import ops  # noqa: F401  (the prunec ops must be registered before deserializing)
+def _artifact_member(path: Path, member: str) -> tuple[Path, str]:
+    """A program file inside an artifact directory is loaded as that directory's member, so that
+    its manifest digest is checked and its weights are found."""
+    if path.is_file() and (path.parent / "manifest.json").is_file():
+        return path.parent, path.name
+    return path, member
 
-    path = Path(path)
+
+def artifact_weights(artifact: Path) -> dict[str, torch.Tensor]:
+    """The artifact's weights file, loaded once (sha256 checked against the manifest first)."""
+    from .files import file_sha256
+    from .weights import WEIGHTS_FILE, WeightsError, load_weights
+
+    path = artifact / WEIGHTS_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{artifact} has no {WEIGHTS_FILE} (its programs hold no weights without it)")
+    if file_sha256(path) != read_manifest(artifact).get("files", {}).get(WEIGHTS_FILE):
+        raise ArtifactError(f"{path} does not match the digest in {artifact / 'manifest.json'} (tampered, "
+                            "corrupted, or built by another prunec)")
+    try:
+        return load_weights(path)
+    except WeightsError as exc:
+        raise ArtifactError(str(exc)) from None
+
+
+def load_program(path: str | Path, member: str = "model.pt2",
+                 weights: dict[str, torch.Tensor] | None = None) -> torch.export.ExportedProgram:
+    """Load an artifact directory's `member` program (digest checked against its manifest) with its
+    weights bound from the artifact's weights file (`weights`: that file already loaded), or a bare
+    .pt2 file that carries its own weights."""
+    from . import ops  # noqa: F401  (the prunec ops must be registered before deserializing)
+    from .weights import WeightsError, bind, holds_no_weights
+
+    path, member = _artifact_member(Path(path), member)
     archive = path / member if path.is_dir() else path
     if path.is_dir() and not archive.is_file():
         raise ArtifactError(f"{path} has no {member}" + (" (build the spec with `decode:` to generate)"
@@ -162,7 +182,20 @@ def load_program(path: str | Path, member: str = "model.pt2") -> torch.export.Ex
             raise ArtifactError(f"{archive} does not match the digest in {path / 'manifest.json'} (tampered, "
                                 "corrupted, or built by another prunec)")
     try:
-        return torch.export.load(io.BytesIO(data))
+        program = torch.export.load(io.BytesIO(data))
     except Exception as exc:
         first = first_line(exc)
         raise ArtifactError(f"{archive} could not be deserialized: {first}") from None
+    if not path.is_dir():
+        if holds_no_weights(program):
+            raise ArtifactError(f"{archive} holds no weights (an artifact keeps them in its weights file): load the "
+                                "artifact directory it came from")
+        return program
+    binding = read_manifest(path).get("weights", {}).get("programs", {}).get(member)
+    if binding is None:
+        raise ArtifactError(f"{path / 'manifest.json'} names no weights for {member}")
+    try:
+        bind(program, binding, artifact_weights(path) if weights is None else weights)
+    except WeightsError as exc:
+        raise ArtifactError(f"{archive}: {exc}") from None
+    return program

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import sys
 import time
@@ -271,13 +272,14 @@ def viz(target: Path = typer.Argument(..., help="artifact directory, or a spec (
         image: Optional[Path] = typer.Option(None, help="image file (default: a built-in test card)"),
         fmt: Optional[str] = typer.Option(None, "--format", help="png or svg (default: the output's extension)"),
         seed: int = typer.Option(0, help="seed of the example text tokens")) -> None:
-    """Draw a keep-map: the image per stage with kept patches visible and dropped ones dimmed,
-    plus tokens per layer and the FLOPs share."""
+    """Draw a keep-map: the image per stage with kept patches outlined and dropped ones hatched,
+    plus tokens per layer and the FLOPs share. PNG and SVG draw the same picture."""
     import tempfile
 
     from . import build as build_artifact
     from . import load, plan
-    from .viz import default_picture, keep_map, render_svg, save
+    from .files import write_atomic
+    from .viz import default_picture, kept_for, scene, to_png, to_svg, layout
 
     try:
         fmt = _image_format(out, fmt)
@@ -287,21 +289,27 @@ def viz(target: Path = typer.Argument(..., help="artifact directory, or a spec (
             the_plan = plan(artifact / "spec.lock.yaml")
             if not the_plan.adapter.needs_image:
                 raise PrunecError(f"family {the_plan.adapter.family} has no image patches to draw")
-            drawing, kept = keep_map(the_plan, load(artifact), picture, seed)
+            kept = kept_for(the_plan, load(artifact), picture, seed)
+        drawing, size = scene(the_plan, picture, kept), layout(the_plan).size
+        if fmt == "svg":
+            write_atomic(out, to_svg(drawing, size))
+        else:
+            buffer = io.BytesIO()
+            to_png(drawing, size).save(buffer, format="PNG", optimize=False)
+            write_atomic(out, buffer.getvalue())
     except PrunecError as exc:
         _fail(exc)
-    if fmt == "svg":
-        out.write_text(render_svg(the_plan, picture, kept))
-    else:
-        save(drawing, out)
     counts = ", ".join(f"{s.site} {len(k)}" for s, k in zip(the_plan.stages, kept))
-    typer.echo(f"wrote {out} ({drawing.size[0]}x{drawing.size[1]}); patches kept: {counts}")
+    typer.echo(f"wrote {out} ({size[0]}x{size[1]}); patches kept: {counts}")
 
 
 @app.command()
 def generate(artifact: Path = typer.Argument(..., help="artifact directory built with `decode:`"),
              prompt: Optional[str] = typer.Option(None, help="text prompt (needs a tokenizer in the model directory)"),
-             image: Optional[Path] = typer.Option(None, help="image for LLaVA prompts (needs the model's processor)"),
+             image: Optional[list[Path]] = typer.Option(
+                 None, help="image for LLaVA prompts (needs the model's processor); repeat it to ask the same "
+                            "prompt about several images in one batch, one answer line each (line breaks "
+                            "inside an answer printed as \\n)"),
              input_ids: Optional[str] = typer.Option(None, "--input-ids", help="prompt as space-separated token ids"),
              max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
              sample: bool = typer.Option(False, "--sample/--greedy", help="sample instead of greedy decoding"),
@@ -316,18 +324,23 @@ def generate(artifact: Path = typer.Argument(..., help="artifact directory built
     from .prompt import prompt_inputs
 
     try:
-        if image is not None:
-            _read_image(image)  # before loading the model: a bad path fails at once
+        for path in image or []:
+            _read_image(path)  # before loading the model: a bad path fails at once
         generator = Generator(artifact)
         sampling = Sampling(do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
-        inputs, tokenizer, note = prompt_inputs(generator, artifact, prompt, image, input_ids, seed, raw)
+        inputs, tokenizer, note = prompt_inputs(generator, artifact, prompt, image or None, input_ids, seed, raw)
         tokens = generator.generate(*inputs, max_new_tokens=max_new_tokens, sampling=sampling)
     except (PrunecError, ValueError) as exc:
         _fail(exc if isinstance(exc, PrunecError) else PrunecError(str(exc)))
     if note:
         typer.echo(note)
     for row in tokens.tolist():
-        typer.echo(tokenizer.decode(row, skip_special_tokens=True) if tokenizer and not ids else " ".join(map(str, row)))
+        if tokenizer is None or ids:
+            typer.echo(" ".join(map(str, row)))
+            continue
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        # one line per row when there are several, so answers line up with the images given
+        typer.echo(text if len(tokens) == 1 else text.strip().replace("\n", "\\n"))
 
 
 def _image_format(out: Path, fmt: str | None) -> str:
@@ -416,8 +429,10 @@ def eval_(spec: Path = typer.Argument(..., help="spec file (its pipeline is appl
                                                help="rescale the budgets so the last stage keeps this share"),
           batch_size: int = typer.Option(16, min=1, help="examples per forward"),
           threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: OMP_NUM_THREADS or torch's)"),
+          rebuild: bool = typer.Option(False, "--rebuild", help="build again even if this spec's build is cached"),
           as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """Run the unpruned and the pruned model on a held-out task and print a paper-style table."""
+    """Run the unpruned and the pruned model on a held-out task and print a paper-style table. The
+    pruned build is cached under the zoo cache and reused while the spec, model and prunec match."""
     import torch
 
     from .evals import evaluate, table
@@ -425,7 +440,7 @@ def eval_(spec: Path = typer.Argument(..., help="spec file (its pipeline is appl
     if threads:
         torch.set_num_threads(threads)
     try:
-        result = evaluate(spec, task, limit=limit, keep=keep, batch_size=batch_size,
+        result = evaluate(spec, task, limit=limit, keep=keep, batch_size=batch_size, rebuild=rebuild,
                           note=lambda message: typer.echo(message, err=True))
     except (PrunecError, ModuleNotFoundError) as exc:
         _fail(exc if isinstance(exc, PrunecError) else PrunecError(str(exc)))
@@ -435,7 +450,9 @@ def eval_(spec: Path = typer.Argument(..., help="spec file (its pipeline is appl
     typer.echo(table([result]))
     others = {k: (result.metrics_unpruned[k], v) for k, v in result.metrics_pruned.items()}
     typer.echo("all metrics (unpruned -> pruned): " + ", ".join(f"{k} {a:.4g} -> {b:.4g}" for k, (a, b) in others.items()))
-    typer.echo(f"{result.examples} examples; build {result.seconds['build_s']}s, unpruned {result.seconds['unpruned_s']}s, "
+    build = (f"build {result.seconds['build_s']}s" if "build_s" in result.seconds
+             else f"cached build loaded in {result.seconds['load_cached_build_s']}s")
+    typer.echo(f"{result.examples} examples; {build}, unpruned {result.seconds['unpruned_s']}s, "
                f"pruned {result.seconds['pruned_s']}s, {torch.get_num_threads()} threads")
 
 

@@ -2,7 +2,8 @@
 
 `DIR/<name>/` holds model.pt2 (torch.export.save), module.py (the rewritten graph as code),
 manifest.json and spec.lock.yaml; with `decode:` in the spec, also prefill.pt2 and decode.pt2
-(generation programs, see decode.py; each holds its own copy of the weights). Everything is written into a hidden sibling directory first and
+(generation programs, see decode.py). The programs carry no weight bytes: those are stored once in
+weights.safetensors (see weights.py). Everything is written into a hidden sibling directory first and
 renamed into place only when complete, so a failed or killed build never leaves a partial
 `DIR/<name>/`, and a rebuild replaces the old artifact in one step.
 """
@@ -24,15 +25,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .artifact import program_digest, weights_digest
+from .artifact import program_digest
 from .compiler import Compiled
 from .errors import BuildError
+from .files import file_sha256
 from .flops import estimate
 from .models import model_identity
 from .provenance import code_record
 from .schedule import stage_tokens
 from .semantics import PROVIDED_CONFIG, dump_lock
 from .signature import compiled_signature
+from .weights import WEIGHTS_FILE, detached
 
 MANIFEST_VERSION = 1
 
@@ -59,7 +62,7 @@ def _sha256(data: bytes) -> str:
 
 
 def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_text: str,
-             programs: dict[str, str]) -> dict:
+             digests: dict[str, str]) -> dict:
     plan = compiled.plan
     graph = compiled.program.graph_module.graph
     ops = Counter(str(n.target) for n in graph.nodes if str(n.target).startswith("prunec."))
@@ -99,8 +102,7 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
         "graph": {"nodes": len(graph.nodes), "prunec_ops": dict(sorted(ops.items()))},
         "passes": compiled.context.pass_reports,
         "code": code_record(plan),
-        "weights_sha256": weights_digest(compiled.program),
-        "files": {**programs, "module.py": _sha256(module_code.encode()),
+        "files": {**digests, "module.py": _sha256(module_code.encode()),
                   "spec.lock.yaml": _sha256(lock_text.encode())},
     }
     if compiled.generation:
@@ -161,26 +163,26 @@ def emit(compiled: Compiled, model: torch.nn.Module, out_dir: str | Path) -> Pat
     staging = Path(tempfile.mkdtemp(prefix=f".{name}~staging-{os.getpid()}-", dir=out_dir))
     staging.chmod(0o755)
     try:
-        program = compiled.program
-        for node in program.graph.nodes:
-            node.meta.pop("from_node", None)  # provenance holding memory addresses: not reproducible
-        program.example_inputs = None  # torch saves them pickled; loading must never need pickle
-        module_code = program.module().code.strip() + "\n"
+        module_code = compiled.program.module().code.strip() + "\n"
         lock_text = dump_lock(compiled.plan.lock)
-        torch.export.save(program, staging / "model.pt2")
-        programs = {"model.pt2": program_digest(staging / "model.pt2")}
-        for name, extra in compiled.generation.items():
-            for node in extra.graph.nodes:
-                node.meta.pop("from_node", None)
-            extra.example_inputs = None
-            torch.export.save(extra, staging / f"{name}.pt2")
-            programs[f"{name}.pt2"] = program_digest(staging / f"{name}.pt2")
+        programs = {"model.pt2": compiled.program, **{f"{n}.pt2": p for n, p in compiled.generation.items()}}
+        digests = {}
+        with detached(programs) as shared:
+            for file, program in programs.items():
+                for node in program.graph.nodes:
+                    node.meta.pop("from_node", None)  # provenance holding memory addresses: not reproducible
+                program.example_inputs = None  # torch saves them pickled; loading must never need pickle
+                torch.export.save(program, staging / file)
+                digests[file] = program_digest(staging / file)
+        shared.save(staging / WEIGHTS_FILE)
+        digests[WEIGHTS_FILE] = file_sha256(staging / WEIGHTS_FILE)
         (staging / "module.py").write_text(module_code)
         (staging / "spec.lock.yaml").write_text(lock_text)
         if compiled.plan.lock["model"].get("config") == PROVIDED_CONFIG:
             (staging / PROVIDED_CONFIG).write_text(model.config.to_json_string())
         preprocessing = copy_preprocessing(compiled.plan, staging)
-        data = manifest(compiled, model, module_code, lock_text, programs)
+        data = manifest(compiled, model, module_code, lock_text, digests)
+        data["weights"] = {"file": WEIGHTS_FILE, "tensors": len(shared.tensors), "programs": shared.bindings}
         data["preprocessing"] = preprocessing
         data["files"].update({name: _sha256((staging / name).read_bytes()) for name in preprocessing["files"]})
         (staging / "manifest.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .artifact import load_module, read_manifest
+from .artifact import artifact_weights, load_module, read_manifest
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,9 @@ class Generator:
         manifest = read_manifest(artifact)
         if "decode" not in manifest:
             raise ValueError(f"{artifact} was built without `decode:`; rebuild with `decode: {{policy: static}}`")
-        self.prefill = load_module(artifact, "prefill.pt2")
-        self.step = load_module(artifact, "decode.pt2")
+        weights = artifact_weights(artifact)  # one copy in memory for both programs
+        self.prefill = load_module(artifact, "prefill.pt2", weights)
+        self.step = load_module(artifact, "decode.pt2", weights)
         self.layers = len(manifest["decode"]["cache_lengths"])
         self.position_offset = manifest["decode"]["position_offset"]
         self.signature = manifest.get("signature")  # the prefill takes the model program's inputs
@@ -75,8 +76,9 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, *inputs, max_new_tokens: int = 32, sampling: Sampling = Sampling(),
-                 eos_token_id: int | None = -1, return_logits: bool = False):
-        """inputs: the model's inputs (input_ids, attention_mask[, pixel_values]), left-padded.
+                 eos_token_id: int | None = -1, return_logits: bool = False, **model_inputs):
+        """inputs: the model's inputs (input_ids, attention_mask[, pixel_values]), left-padded, given
+        positionally or by name (a processor's output: `generate(**processor(...), max_new_tokens=8)`).
         eos_token_id: -1 = the model config's, None = never stop early.
         Returns [B, T] token ids, or (ids, [B, T, V] logits each token was chosen from)."""
         eos = self.eos_token_id if eos_token_id == -1 else eos_token_id
@@ -84,7 +86,9 @@ class Generator:
             from .signature import check_inputs
 
             weight = next(iter(self.prefill.parameters()), None)
-            inputs = check_inputs(self.signature, inputs, {}, weight.device if weight is not None else None)
+            inputs = check_inputs(self.signature, inputs, model_inputs, weight.device if weight is not None else None)
+        elif model_inputs:
+            raise ValueError("this artifact records no input signature: give its inputs positionally")
         input_ids = inputs[0]
         batch, seq_len = input_ids.shape
         generator = None

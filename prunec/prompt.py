@@ -10,16 +10,17 @@ from .adapters.base import ExampleShape
 from .errors import PrunecError
 
 
-def prompt_inputs(generator, artifact: Path, prompt: str | None, image: Path | None, input_ids: str | None,
+def prompt_inputs(generator, artifact: Path, prompt: str | None, images: list[Path] | None, input_ids: str | None,
                   seed: int, raw: bool = False):
-    """(model inputs, tokenizer or None, a note for the user or None)."""
+    """(model inputs, tokenizer or None, a note for the user or None). Several images make a batch:
+    one row per image, each with the prompt."""
     lock = yaml.safe_load((artifact / "spec.lock.yaml").read_text())
     adapter = generator.adapter
     if prompt is not None and input_ids is not None:
         raise PrunecError("give --prompt or --input-ids, not both")
     if prompt is not None:
-        return _from_prompt(artifact, lock, generator, prompt, image, raw)
-    if image is not None:
+        return _from_prompt(artifact, lock, generator, prompt, images, raw)
+    if images:
         raise PrunecError("--image needs --prompt (the processor places the image tokens)")
     if input_ids is not None:
         try:
@@ -46,13 +47,13 @@ def chat_text(processor, prompt: str, with_image: bool) -> str:
                                          tokenize=False)
 
 
-def _from_prompt(artifact: Path, lock: dict, generator, prompt: str, image: Path | None, raw: bool):
+def _from_prompt(artifact: Path, lock: dict, generator, prompt: str, images: list[Path] | None, raw: bool):
     from .preprocessing import load_processor
 
     adapter = generator.adapter
     processor = load_processor(artifact)
     if adapter.needs_image:
-        if image is None:
+        if not images:
             raise PrunecError(f"family {adapter.family} needs --image with --prompt")
         from PIL import Image
 
@@ -60,8 +61,12 @@ def _from_prompt(artifact: Path, lock: dict, generator, prompt: str, image: Path
         text = prompt if raw else chat_text(processor, prompt.replace(placeholder, "").strip(), True)
         if placeholder not in text:
             text = f"{placeholder}\n{text}"
-        batch = processor(images=Image.open(image).convert("RGB"), text=text, return_tensors="pt")
+        processor.tokenizer.padding_side = "left"  # the generator continues every row at its end
+        batch = processor(images=[Image.open(path).convert("RGB") for path in images], text=[text] * len(images),
+                          padding=True, return_tensors="pt")
         return (batch["input_ids"], batch["attention_mask"], batch["pixel_values"]), processor.tokenizer, None
+    if images:
+        raise PrunecError(f"family {adapter.family} takes no image")
     text = prompt if raw else chat_text(processor, prompt, False)
     batch = processor(text, return_tensors="pt", add_special_tokens=raw or processor.chat_template is None)
     return _fit_text(lock, generator, batch["input_ids"], batch["attention_mask"]), processor, None

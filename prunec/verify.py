@@ -1,14 +1,14 @@
 """`prunec verify`: is this artifact what its manifest and lock say it is?"""
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import (ArtifactError, inspect_archive, load_program, program_digest, read_archive, read_manifest,
-                       weights_digest)
+from .artifact import ArtifactError, artifact_weights, inspect_archive, load_program, program_digest, read_archive, read_manifest
 from .emit import MANIFEST_VERSION, versions
+from .files import file_sha256
+from .weights import WEIGHTS_FILE
 
 
 @dataclass
@@ -30,10 +30,6 @@ class Report:
         return out
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split("+")[0].split(".")[:2])
 
@@ -48,11 +44,12 @@ def verify_artifact(artifact: str | Path, rebuild: bool = False) -> Report:
                             f"format {MANIFEST_VERSION}")
     report = Report()
     recorded = manifest.get("files", {})
-    for name in ("module.py", "spec.lock.yaml", *sorted(n for n in recorded if n not in ("module.py", "spec.lock.yaml")
-                                                         and not n.endswith(".pt2"))):
+    required = ("module.py", "spec.lock.yaml", WEIGHTS_FILE)
+    for name in (*required, *sorted(n for n in recorded if n not in required and not n.endswith(".pt2"))):
         path = artifact / name
-        report.check(path.is_file() and _sha256(path) == recorded.get(name), f"{name} sha256")
-    for name in sorted({"model.pt2", *(n for n in recorded if n.endswith(".pt2"))}):
+        report.check(path.is_file() and file_sha256(path) == recorded.get(name), f"{name} sha256")
+    programs = sorted({"model.pt2", *(n for n in recorded if n.endswith(".pt2"))})
+    for name in programs:
         if not (artifact / name).is_file():
             report.check(False, f"{name} present")
             continue
@@ -60,7 +57,13 @@ def verify_artifact(artifact: str | Path, rebuild: bool = False) -> Report:
         inspect_archive(artifact / name, program)
         report.check(program_digest(artifact / name, program) == recorded.get(name), f"{name} content digest")
     if report.ok:
-        report.check(weights_digest(load_program(artifact)) == manifest.get("weights_sha256"), "weights sha256")
+        weights = artifact_weights(artifact)
+        for name in programs:
+            try:
+                load_program(artifact, name, weights)
+                report.check(True, f"{name} binds to {WEIGHTS_FILE} (every tensor present, shapes and dtypes agree)")
+            except ArtifactError as exc:
+                report.check(False, f"{name} binds to {WEIGHTS_FILE}: {exc}")
         lock_plan = make_plan(artifact / "spec.lock.yaml")
         report.check(lock_plan.spec_hash == manifest.get("spec_sha256"), "spec.lock.yaml resolves to spec_sha256")
     from .provenance import code_changes

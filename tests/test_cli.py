@@ -25,7 +25,8 @@ def test_quickstart_builds_and_runs(tmp_path):
     # tokens per row: 40 in; DivPrune keeps 8 of 16 image tokens (40 -> 32); FastV keeps 4 (32 -> 28)
     assert "40 -> 32" in proc.stdout and "32 -> 28" in proc.stdout
     artifact = tmp_path / "quickstart"
-    assert sorted(p.name for p in artifact.iterdir()) == ["manifest.json", "model.pt2", "module.py", "spec.lock.yaml"]
+    assert sorted(p.name for p in artifact.iterdir()) == ["manifest.json", "model.pt2", "module.py", "spec.lock.yaml",
+                                                              "weights.safetensors"]
     assert "torch.ops.prunec.select_divprune" in (artifact / "module.py").read_text()
     run = subprocess.run([sys.executable, "-m", "prunec.cli", "run", str(artifact), "--batch", "3"],
                          cwd=REPO, capture_output=True, text=True)

@@ -92,8 +92,9 @@ def test_cli_generate_applies_the_chat_template(tmp_path, model_dir):
     processor = prunec.load_processor(artifact)
     # the template by hand: "user: <image> w5 w6 " then the generation prompt "w9"
     batch = processor(images=_picture(4), text="user: <image> w5 w6 w9", return_tensors="pt")
-    expected = prunec.load_generator(artifact).generate(batch["input_ids"], batch["attention_mask"],
-                                                        batch["pixel_values"], max_new_tokens=4)
+    generator = prunec.load_generator(artifact)
+    expected = generator.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens=4)
+    assert torch.equal(generator.generate(**batch, max_new_tokens=4), expected)  # the processor's keyword output
     result = CliRunner().invoke(app, ["generate", str(artifact), "--prompt", "w5 w6", "--image", str(picture),
                                       "--max-new-tokens", "4", "--ids"])
     assert result.exit_code == 0, result.output

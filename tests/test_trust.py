@@ -117,6 +117,7 @@ def test_verify_warns_on_version_mismatch_and_refuses_unknown_format(artifact, t
     ("garbage-manifest", "is not valid JSON"),
     ("missing-manifest", "is not a prunec artifact"),
     ("flipped-weight-byte", "does not match the digest"),
+    ("flipped-program-byte", "does not match the digest"),
 ])
 def test_corrupted_artifacts_give_one_line_errors(artifact, tmp_path, damage, message):
     copy = _copy(artifact, tmp_path)
@@ -127,15 +128,22 @@ def test_corrupted_artifacts_give_one_line_errors(artifact, tmp_path, damage, me
         (copy / "manifest.json").write_text("{not json")
     elif damage == "missing-manifest":
         (copy / "manifest.json").unlink()
+    elif damage == "flipped-weight-byte":
+        weights = copy / "weights.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 1
+        weights.write_bytes(bytes(data))
     else:
-        _rewrite_zip(program, lambda name, data: (data[:-1] + bytes([data[-1] ^ 1]))
-                     if name.endswith("data/weights/weight_3") else data)
+        _rewrite_zip(program, lambda name, data: data.replace(b'"dtype": 7', b'"dtype": 6', 1)
+                     if name.endswith("model_weights_config.json") else data)
     result = _cli("run", copy)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     checked = _cli("verify", copy)
     if damage == "flipped-weight-byte":  # readable but not what the manifest says
+        assert checked.exit_code == 1 and "FAIL weights.safetensors sha256" in checked.output
+    elif damage == "flipped-program-byte":
         assert checked.exit_code == 1 and "FAIL model.pt2 content digest" in checked.output
     else:
         assert checked.exit_code == 2 and message in checked.output and "Traceback" not in checked.output

