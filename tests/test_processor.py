@@ -116,3 +116,18 @@ def test_artifact_from_a_config_has_no_processor(build):
     """)
     with pytest.raises(PrunecError, match="ships no tokenizer or processor"):
         prunec.load_processor(artifact)
+
+
+def test_build_quiet_prints_only_the_path_and_no_loading_bars(tmp_path, model_dir):
+    """transformers prints a weight-loading bar to stderr when a model directory loads (the control
+    run shows it); --quiet leaves the artifact path on stdout and nothing on stderr."""
+    import subprocess
+    import sys
+
+    spec = _spec(tmp_path, model_dir, "[]")
+    runs = {flag: subprocess.run([sys.executable, "-m", "prunec.cli", "build", str(spec), "-o", str(tmp_path / flag),
+                                  *(["--quiet"] if flag == "quiet" else [])], capture_output=True, text=True)
+            for flag in ("loud", "quiet")}
+    assert runs["loud"].returncode == 0 and "Loading weights" in runs["loud"].stderr
+    assert runs["quiet"].returncode == 0 and runs["quiet"].stderr == ""
+    assert runs["quiet"].stdout.strip() == str(tmp_path / "quiet" / "from-dir")
