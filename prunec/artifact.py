@@ -140,7 +140,11 @@ def _artifact_member(path: Path, member: str) -> tuple[Path, str]:
     """A program file inside an artifact directory is loaded as that directory's member, so that
     its manifest digest is checked and its weights are found."""
     if path.is_file() and (path.parent / "manifest.json").is_file():
-        return path.parent, path.name
+        try:
+            if "prunec_manifest" in json.loads((path.parent / "manifest.json").read_text()):
+                return path.parent, path.name
+        except (OSError, ValueError, TypeError):
+            pass  # someone else's manifest: the program is loaded on its own
     return path, member
 
 

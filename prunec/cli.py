@@ -292,11 +292,15 @@ def viz(target: Path = typer.Argument(..., help="artifact directory, or a spec (
             kept = kept_for(the_plan, load(artifact), picture, seed)
         drawing, size = scene(the_plan, picture, kept), layout(the_plan).size
         if fmt == "svg":
-            write_atomic(out, to_svg(drawing, size))
+            data = to_svg(drawing, size)
         else:
             buffer = io.BytesIO()
             to_png(drawing, size).save(buffer, format="PNG", optimize=False)
-            write_atomic(out, buffer.getvalue())
+            data = buffer.getvalue()
+        try:
+            write_atomic(out, data)
+        except OSError as exc:
+            raise PrunecError(f"cannot write {out}: {exc.strerror or exc}") from None
     except PrunecError as exc:
         _fail(exc)
     counts = ", ".join(f"{s.site} {len(k)}" for s, k in zip(the_plan.stages, kept))

@@ -194,13 +194,13 @@ def _grid(lay: Layout, x: int, y: int) -> list:
 def _patch_marks(lay: Layout, x: int, y: int, kept: set[int]) -> list:
     """Hatch every dropped cell; outline the kept region where it borders a dropped cell or the
     panel edge: a black line on the border pixel and a white one just inside, so it shows on any
-    image."""
-    marks, c = [], lay.cell
+    image (all white lines first, so no white line cuts a black one at a corner)."""
+    hatches, whites, blacks, c = [], [], [], lay.cell
     for patch in range(lay.grid * lay.grid):
         row, col = divmod(patch, lay.grid)
         x0, y0 = x + col * c, y + row * c
         if patch not in kept:
-            marks.append(Hatch(x0, y0, x0 + c, y0 + c))
+            hatches.append(Hatch(x0, y0, x0 + c, y0 + c))
             continue
         for d_row, d_col in ((-1, 0), (1, 0), (0, -1), (0, 1)):
             r, k = row + d_row, col + d_col
@@ -208,11 +208,13 @@ def _patch_marks(lay: Layout, x: int, y: int, kept: set[int]) -> list:
                 continue
             if d_row:  # top or bottom edge
                 edge, inner = (y0, y0 + 1) if d_row < 0 else (y0 + c - 1, y0 + c - 2)
-                marks += [Line(x0, edge, x0 + c - 1, edge, INK), Line(x0, inner, x0 + c - 1, inner, BACKGROUND)]
+                blacks.append(Line(x0, edge, x0 + c - 1, edge, INK))
+                whites.append(Line(x0, inner, x0 + c - 1, inner, BACKGROUND))
             else:
                 edge, inner = (x0, x0 + 1) if d_col < 0 else (x0 + c - 1, x0 + c - 2)
-                marks += [Line(edge, y0, edge, y0 + c - 1, INK), Line(inner, y0, inner, y0 + c - 1, BACKGROUND)]
-    return marks
+                blacks.append(Line(edge, y0, edge, y0 + c - 1, INK))
+                whites.append(Line(inner, y0, inner, y0 + c - 1, BACKGROUND))
+    return hatches + whites + blacks
 
 
 def _chart(plan: Plan, lay: Layout) -> list:
@@ -303,8 +305,9 @@ def _rgb(color: tuple[int, int, int]) -> str:
 
 
 def to_svg(primitives: list, size: tuple[int, int]) -> str:
-    """The same primitives as SVG: pictures embedded as PNG, crisp 1-px lines at pixel centres, the
-    hatch as a pattern anchored at the origin (so it covers the same pixels as the PNG's)."""
+    """The same primitives as SVG: pictures embedded as PNG, lines as 1-px wide rectangles over the
+    pixels the PNG fills, the hatch as a pattern anchored at the origin (so it covers the same
+    pixels as the PNG's)."""
     import base64
     import io
     from xml.sax.saxutils import escape
@@ -327,10 +330,10 @@ def to_svg(primitives: list, size: tuple[int, int]) -> str:
         elif isinstance(item, Box):
             parts.append(f'<rect x="{item.x0}" y="{item.y0}" width="{item.x1 - item.x0}" height="{item.y1 - item.y0}" '
                          f'fill="{_rgb(item.fill)}"/>')
-        elif isinstance(item, Line):
-            opacity = f' stroke-opacity="{item.opacity}"' if item.opacity < 1 else ""
-            parts.append(f'<line x1="{item.x0 + 0.5}" y1="{item.y0 + 0.5}" x2="{item.x1 + 0.5}" y2="{item.y1 + 0.5}" '
-                         f'stroke="{_rgb(item.color)}"{opacity}/>')
+        elif isinstance(item, Line):  # a 1-px wide rectangle: covers exactly the pixels the PNG fills
+            opacity = f' fill-opacity="{item.opacity}"' if item.opacity < 1 else ""
+            parts.append(f'<rect class="line" x="{item.x0}" y="{item.y0}" width="{item.x1 - item.x0 + 1}" '
+                         f'height="{item.y1 - item.y0 + 1}" fill="{_rgb(item.color)}"{opacity}/>')
         elif isinstance(item, Hatch):
             parts.append(f'<rect x="{item.x0}" y="{item.y0}" width="{item.x1 - item.x0}" height="{item.y1 - item.y0}" '
                          f'fill="url(#hatch)"/>')

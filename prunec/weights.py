@@ -52,8 +52,10 @@ def _holders(program: torch.export.ExportedProgram) -> list[tuple[dict, str]]:
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
-    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-            tuple(tensor.stride()), tensor.dtype)
+    pointer = tensor.untyped_storage().data_ptr()
+    if pointer == 0:  # no plain storage (a wrapper subclass, an empty tensor): never share it with another
+        return ("object", id(tensor))
+    return (tensor.device, pointer, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
 
 
 def _placeholder(tensor: torch.Tensor) -> torch.Tensor:
@@ -69,11 +71,15 @@ def detached(programs: dict[str, torch.export.ExportedProgram]) -> Iterator[Shar
     shared = SharedWeights()
     by_identity: dict[tuple, str] = {}
     originals: list[tuple[dict, str, torch.Tensor]] = []
+    placed: dict[int, str] = {}  # id of a placeholder put in -> the stored name of what it replaced
     try:
         for file, program in programs.items():
             binding = shared.bindings.setdefault(file, {})
             for holder, name in _holders(program):
                 tensor = holder[name]
+                if id(tensor) in placed:  # a holder seen twice (one program under two names)
+                    binding[name] = placed[id(tensor)]
+                    continue
                 key = by_identity.get(_identity(tensor))
                 if key is None:
                     key = name if name not in shared.tensors else f"{file}:{name}"
@@ -82,9 +88,10 @@ def detached(programs: dict[str, torch.export.ExportedProgram]) -> Iterator[Shar
                 binding[name] = key
                 originals.append((holder, name, tensor))
                 holder[name] = _placeholder(tensor)
+                placed[id(holder[name])] = key
         yield shared
     finally:
-        for holder, name, tensor in originals:
+        for holder, name, tensor in reversed(originals):  # reversed: a holder seen twice ends with its first value
             holder[name] = tensor
 
 
@@ -110,13 +117,25 @@ def bind(program: torch.export.ExportedProgram, binding: dict[str, str], tensors
         if tensor.shape != placeholder.shape or tensor.dtype != placeholder.dtype:
             raise WeightsError(f"{name!r} is {tuple(tensor.shape)} {tensor.dtype} in the weights file, the program "
                                f"expects {tuple(placeholder.shape)} {placeholder.dtype}")
-        if tensor.stride() != placeholder.stride():
+        if tensor.stride() != placeholder.stride() and not _overlaps(placeholder):
             tensor = torch.empty_strided(placeholder.shape, placeholder.stride(), dtype=tensor.dtype).copy_(tensor)
         holder[name] = (torch.nn.Parameter(tensor, requires_grad=placeholder.requires_grad)
                         if isinstance(placeholder, torch.nn.Parameter) else tensor)
     unused = set(binding) - {name for _, name in _holders(program)}
     if unused:
         raise WeightsError(f"the manifest binds {sorted(unused)[0]!r}, which the program does not hold")
+
+
+def _overlaps(tensor: torch.Tensor) -> bool:
+    """Strides under which elements share memory (an expanded constant): such a layout cannot be
+    written element by element, so the stored contiguous tensor (same values) is bound instead."""
+    dims = sorted((stride, size) for stride, size in zip(tensor.stride(), tensor.shape) if size > 1)
+    reach = 1
+    for stride, size in dims:
+        if stride < reach:
+            return True
+        reach = stride * size
+    return False
 
 
 def holds_no_weights(program: torch.export.ExportedProgram) -> bool:

@@ -132,12 +132,13 @@ def _svg_primitives(text: str) -> list:
             out.append(("picture", int(a["x"]), int(a["y"]), png.tobytes()))
         elif tag == "rect" and a.get("fill") == "url(#hatch)":
             out.append(("hatch", int(a["x"]), int(a["y"]), int(a["x"]) + int(a["width"]), int(a["y"]) + int(a["height"])))
+        elif tag == "rect" and a.get("class") == "line":
+            x0, y0 = int(a["x"]), int(a["y"])
+            out.append(("line", x0, y0, x0 + int(a["width"]) - 1, y0 + int(a["height"]) - 1, rgb(a["fill"]),
+                        float(a.get("fill-opacity", 1.0))))
         elif tag == "rect" and "x" in a:
             out.append(("box", int(a["x"]), int(a["y"]), int(a["x"]) + int(a["width"]), int(a["y"]) + int(a["height"]),
                         rgb(a["fill"])))
-        elif tag == "line":
-            out.append(("line", *(round(float(a[k]) - 0.5) for k in ("x1", "y1", "x2", "y2")), rgb(a["stroke"]),
-                        float(a.get("stroke-opacity", 1.0))))
         elif tag == "text":
             out.append(("label", int(a["x"]), int(a["y"]) - 9, "\n".join(t.text for t in element), rgb(a["fill"])))
     return out
@@ -208,6 +209,9 @@ def test_cli_viz_png_and_svg(build, tmp_path):
     assert ElementTree.parse(tmp_path / "k.svg").getroot().tag.endswith("svg")
     bad = CliRunner().invoke(app, ["viz", str(artifact), "--image", str(tmp_path / "k.svg"), "-o", str(tmp_path / "x.png")])
     assert bad.exit_code == 2 and "cannot read image" in bad.output
+    unwritable = CliRunner().invoke(app, ["viz", str(artifact), "-o", str(tmp_path / "missing" / "k.png")])
+    assert unwritable.exit_code == 2 and unwritable.output.strip().startswith("error: cannot write")
+    assert len(unwritable.output.strip().splitlines()) == 1
 
 
 def _plan_of(artifact):

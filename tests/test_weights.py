@@ -122,3 +122,39 @@ def test_program_taken_out_of_its_artifact_says_where_its_weights_are(artifact, 
     with pytest.raises(ArtifactError, match="holds no weights .* load the artifact directory"):
         prunec.load(tmp_path / "alone.pt2")
     assert isinstance(prunec.load(artifact[1] / "model.pt2"), torch.nn.Module)  # inside its artifact it loads
+
+
+def test_a_program_next_to_someone_elses_manifest_is_loaded_on_its_own(artifact, tmp_path):
+    (tmp_path / "manifest.json").write_text('{"name": "not prunec"}')
+    shutil.copyfile(artifact[1] / "model.pt2", tmp_path / "alone.pt2")
+    with pytest.raises(ArtifactError, match="holds no weights"):
+        prunec.load(tmp_path / "alone.pt2")
+
+
+class _Expanded(torch.nn.Module):
+    """A buffer whose strides overlap (stride 0, as `expand` gives) and a weight used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.register_buffer("offsets", torch.arange(4.0).expand(3, 4))
+
+    def forward(self, x):
+        return self.linear(x) + self.offsets.sum(0)
+
+
+def test_overlapping_strides_round_trip_and_holders_are_restored(tmp_path):
+    from prunec.weights import bind, detached, load_weights
+
+    module = _Expanded().eval()
+    program = torch.export.export(module, (torch.randn(2, 4),))
+    before = {name: tensor for name, tensor in program.state_dict.items()}
+    with detached({"a.pt2": program, "b.pt2": program}) as shared:  # the same program twice
+        torch.export.save(program, tmp_path / "p.pt2")
+        assert all(t.device.type == "meta" for t in program.state_dict.values())
+    assert all(program.state_dict[n] is t for n, t in before.items())  # originals back, not placeholders
+    shared.save(tmp_path / "w.safetensors")
+    loaded = torch.export.load(tmp_path / "p.pt2")
+    bind(loaded, shared.bindings["a.pt2"], load_weights(tmp_path / "w.safetensors"))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(loaded.module()(x), module(x), rtol=0, atol=0)

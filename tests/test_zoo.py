@@ -230,6 +230,14 @@ def test_eval_reuses_its_build_until_the_spec_changes_or_rebuild_is_asked(zoo_ca
     assert any(n.startswith("using the cached build") for n in notes)
     assert second.metrics_pruned == first.metrics_pruned
     assert "build_s" in evaluate(spec, "minilm-sim", limit=20, rebuild=True).seconds
+    # a cached build whose method code no longer matches (CodeChangedError on load) is rebuilt
+    manifest_path = next((zoo_cache / "eval-builds").glob("*/eval-cache/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["code"]["runtime_sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    notes = []
+    assert "build_s" in evaluate(spec, "minilm-sim", limit=20, note=notes.append).seconds
+    assert any(n.startswith("rebuilding: the cached build does not load") for n in notes)
     assert "build_s" in evaluate(spec, "minilm-sim", limit=20, keep=0.5).seconds  # another budget, another build
 
 

@@ -8,6 +8,7 @@ stage keeps that share of the candidate tokens (the schedule's shape is kept).
 """
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -168,6 +169,34 @@ def _run(module, batches: Iterable[Batch]) -> list[torch.Tensor]:
         return [module(*inputs) for inputs, _ in batches]
 
 
+def _zoo_state(name: str) -> list:
+    """What the task's zoo model was built from: its marker (fingerprint, packages) and the installed
+    versions of those packages."""
+    from importlib import metadata
+
+    from .. import zoo
+
+    marker = zoo.path(name) / zoo.MARKER
+    installed = {}
+    for package in zoo.entry(name).packages:
+        try:
+            installed[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            installed[package] = None
+    return [marker.read_text() if marker.is_file() else None, installed]
+
+
+def _prunec_source_digest() -> str:
+    """sha256 over prunec's own source files: any change to the compiler invalidates cached builds."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _cached_build(plan, derived: Path, task: Task, rebuild: bool, note: Callable[[str], None]):
     """The task's build of the spec, reused from the cache (`$PRUNEC_CACHE/eval-builds/`) when the
     same resolved spec was built on the same zoo model by this prunec; rebuilt when it was not, when
@@ -175,10 +204,11 @@ def _cached_build(plan, derived: Path, task: Task, rebuild: bool, note: Callable
     import hashlib
 
     import prunec
-    from .. import __version__, zoo
-    from ..artifact import ArtifactError
+    from .. import zoo
+    from ..emit import versions
 
-    key = hashlib.sha256(f"{plan.spec_hash}:{zoo.entry(task.zoo).fingerprint()}:{__version__}".encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([plan.spec_hash, _zoo_state(task.zoo), versions(), _prunec_source_digest()],
+                                    sort_keys=True).encode()).hexdigest()
     root = zoo.cache_dir() / "eval-builds" / key[:24]
     artifact = root / plan.lock["name"]
     if not rebuild and artifact.is_dir():
@@ -186,7 +216,7 @@ def _cached_build(plan, derived: Path, task: Task, rebuild: bool, note: Callable
             module = prunec.load(artifact)
             note(f"using the cached build {artifact}")
             return module, True
-        except ArtifactError as exc:
+        except PrunecError as exc:  # damaged, or its method code changed since (CodeChangedError)
             note(f"rebuilding: the cached build does not load ({exc})")
     note(f"building {plan.lock['name']} on {task.zoo}")
     return prunec.load(prunec.build(derived, root)), False
