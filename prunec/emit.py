@@ -37,7 +37,7 @@ from .semantics import PROVIDED_CONFIG, dump_lock
 from .signature import compiled_signature
 from .weights import WEIGHTS_FILE, detached
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: weights in weights.safetensors, bound through `weights.programs`
 
 
 def _version(package: str) -> str:

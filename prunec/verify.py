@@ -5,7 +5,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import ArtifactError, artifact_weights, inspect_archive, load_program, program_digest, read_archive, read_manifest
+from .artifact import ArtifactError, inspect_archive, load_program, program_digest, read_archive, read_manifest
 from .emit import MANIFEST_VERSION, versions
 from .files import file_sha256
 from .weights import WEIGHTS_FILE
@@ -34,6 +34,15 @@ def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split("+")[0].split(".")[:2])
 
 
+def _weights(artifact: Path) -> dict:
+    from .weights import WeightsError, load_weights
+
+    try:
+        return load_weights(artifact / WEIGHTS_FILE)
+    except WeightsError as exc:
+        raise ArtifactError(str(exc)) from None
+
+
 def verify_artifact(artifact: str | Path, rebuild: bool = False) -> Report:
     from . import plan as make_plan
 
@@ -57,7 +66,7 @@ def verify_artifact(artifact: str | Path, rebuild: bool = False) -> Report:
         inspect_archive(artifact / name, program)
         report.check(program_digest(artifact / name, program) == recorded.get(name), f"{name} content digest")
     if report.ok:
-        weights = artifact_weights(artifact)
+        weights = _weights(artifact)  # its sha256 was checked with the other files above
         for name in programs:
             try:
                 load_program(artifact, name, weights)
