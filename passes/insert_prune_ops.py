@@ -15,6 +15,7 @@ from prunec.context import ROLE, CompileContext
 from prunec.graph_meta import CAPTURED, refresh_fake_values, stamp_captured
 from prunec.lowering import StageBuilder
 from prunec.methods import get_method, stage_signals
+from prunec.ragged import row_counts_node
 
 _OPS = torch.ops.prunec
 
@@ -41,6 +42,8 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         candidates.meta[ROLE] = "candidates"
         if candidates.prev is b.last:  # the adapter built it at the cut, not from the inputs
             b.last = candidates
+        if stage.ragged and (stage.domain, "input_counts") not in carried:  # what `of: input` ratios read
+            carried[(stage.domain, "input_counts")] = row_counts_node(graph, candidates)
         if info.scope:  # the stage selects among one scope of the image tokens and keeps the rest
             record.images = candidates
             candidates = b.add("candidates", _OPS.scope_candidates.default,
@@ -49,12 +52,17 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             b.sizes = (stage.n_candidates - left, stage.n_keep - left)
         b.candidates = candidates
         _produce_signals(b, info)
-        if b.sizes[1] == 0:  # every candidate goes: no score needed
+        if stage.ragged and stage.keep_spec == ("count", 0):
+            live = carried.get((stage.domain, "ragged_live"))
+            index, source = b.add("select", _OPS.drop_candidates_rows.default, (candidates, live)), None
+        elif not stage.ragged and b.sizes[1] == 0:  # every candidate goes: no score needed
             index, source = b.add("select", _OPS.drop_candidates.default, (candidates, b.sizes[0])), None
         else:
             selection = info.lower_select(b)
             index, source = selection.index, selection.source
         record.index = index
+        if stage.ragged:  # rows keep different counts: which entries are real (propagate_tokens masks the rest)
+            record.kept_valid = carried[(stage.domain, "ragged_live")] = b.add("select", _OPS.kept_rows.default, (index,))
         record.gathered = b.add("gather", _OPS.gather_tokens.default, (source or record.site_value, index, [1]),
                                 meta_from=record.site_value)
         record.kept_len = b.add("kept_len", torch.ops.aten.sym_size.int, (record.gathered, 1))

@@ -95,6 +95,21 @@ class _Tail:
         self.added.append(node)
         return node
 
+    def mask_repeats(self, gathered: fx.Node, value: torch.Tensor, dims: list[int], batch_dim: int) -> fx.Node:
+        """`gathered` with a ragged stage's repeated entries masked out along its last token axis (the
+        keys, for a [.., queries, keys] mask): False, 0, or -inf for an additive float mask."""
+        valid, key_dim = self.record.kept_valid, dims[-1]
+        for axis in range(value.ndim):  # [B, K] -> broadcastable to the value, B and K on their axes
+            if axis not in (batch_dim, key_dim):
+                valid = self.add(torch.ops.aten.unsqueeze.default, (valid, axis), None, role="mask")
+        if value.dtype == torch.bool:
+            return self.add(torch.ops.aten.logical_and.default, (gathered, valid), gathered, role="mask")
+        if value.is_floating_point():
+            repeats = self.add(torch.ops.aten.logical_not.default, (valid,), None, role="mask")
+            return self.add(torch.ops.aten.masked_fill.Scalar, (gathered, repeats, float("-inf")), gathered,
+                            role="mask")
+        return self.add(torch.ops.aten.mul.Tensor, (gathered, valid), gathered, role="mask")
+
     def renumber(self, node: fx.Node, rotary_path: str) -> fx.Node:
         """The model's own positional value `node`, computed again from renumbered position ids by a
         copy of the rotary module's nodes it depends on."""
@@ -138,6 +153,16 @@ class _Tail:
         return env[node]
 
 
+def _is_mask(node: fx.Node, value: torch.Tensor, dims: list[int]) -> bool:
+    """Values that say which tokens count: bool masks (attention, candidates, validity), float
+    attention masks over query and key tokens, and the attention_mask input."""
+    if value.dtype == torch.bool:
+        return True
+    if value.is_floating_point():
+        return len(dims) == 2
+    return node.op == "placeholder" and node.target == "attention_mask"
+
+
 def _propagate_stage(gm: fx.GraphModule, record: StageRecord, rotary_path: str | None) -> list[fx.Node]:
     graph, stage = gm.graph, record.stage
     externals, tail = _tail_inputs(graph, record)
@@ -172,6 +197,9 @@ def _propagate_stage(gm: fx.GraphModule, record: StageRecord, rotary_path: str |
         else:
             new = rewrite.add(_OPS.gather_tokens.default, (node, record.index, dims, batch_dim), node)
             how = f"gathered on dims {dims}" + (f" (batch axis {batch_dim})" if batch_dim else "")
+            if record.kept_valid is not None and _is_mask(node, value, dims):
+                new = rewrite.mask_repeats(new, value, dims, batch_dim or 0)
+                how += ", a short row's repeated entries masked"
         if positional:
             new.meta[POSITIONS_TABLE] = node.meta.get(POSITIONS_TABLE, node)
         node.replace_all_uses_with(new, delete_user_cb=in_tail)

@@ -389,6 +389,8 @@ def methods(name: Optional[str] = typer.Argument(None, help="one method: its par
         typer.echo(f"  positions: {detail['positions']} (default)")
         typer.echo(f"  rounding: {detail['rounding']}" + (f" ({detail['rounding_source']})"
                                                           if detail["rounding_source"] else ""))
+        typer.echo(f"  run-time budgets: {'yes' if detail['row_budgets'] else 'no'} (rows of different candidate "
+                   "counts, inputs.images_per_row)")
         typer.echo("  params:" + ("" if detail["params_detail"] else " none"))
         for param in detail["params_detail"]:
             default = "required" if param["required"] else (
@@ -410,7 +412,7 @@ def methods(name: Optional[str] = typer.Argument(None, help="one method: its par
         typer.echo(f"{row['method']:<{width}} {row['action']}/{row['kind']:<6}  {row['summary']}")
         typer.echo(f"{'':<{width}} sites: {', '.join(row['sites'])}   signals: {', '.join(row['signals'])}   "
                    f"positions: {row['positions']}   fusable: {'yes' if row['fusable'] else 'no'}   "
-                   f"rounding: {row['rounding']}")
+                   f"rounding: {row['rounding']}   run-time budgets: {'yes' if row['row_budgets'] else 'no'}")
         typer.echo(f"{'':<{width}} params: {', '.join(row['params']) or '-'}   variants: {variants}")
         typer.echo(f"{'':<{width}} source: {row['source']}")
 

@@ -37,6 +37,7 @@ class StageRecord:
     images: fx.Node | None = None       # [B, S] every image token, for image-scoped stages (their
                                         # candidates are a scope of these)
     index: fx.Node | None = None        # [B, K] sorted keep indices
+    kept_valid: fx.Node | None = None   # ragged stages: [B, K] bool, False on a short row's repeated index
     gathered: fx.Node | None = None     # the pruned residual stream
     kept_len: fx.Node | None = None     # K as a SymInt node
     block_end: fx.Node | None = None    # last inserted node; the tail starts after it

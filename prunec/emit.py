@@ -32,6 +32,7 @@ from .files import file_sha256
 from .flops import estimate
 from .models import model_identity
 from .provenance import code_record
+from .ragged import RowBudget
 from .schedule import stage_tokens
 from .semantics import PROVIDED_CONFIG, dump_lock
 from .signature import compiled_signature
@@ -85,6 +86,9 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
             "tokens_out": t.tokens_out,
             "carried": records[stage.site].propagated,
         })
+        if stage.ragged:  # the counts above hold at the example inputs; each row keeps by this formula
+            stages[-1]["budget"] = {"resolved": "per row, at run time", "formula": RowBudget.of_stage(stage).formula(),
+                                    "of": stage.keep_of}
     data = {
         "prunec_manifest": MANIFEST_VERSION,
         "name": plan.spec.name,
@@ -112,13 +116,14 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
 
 def decode_manifest(plan) -> dict:
     from .decode import cache_lengths, kv_cache_bytes
-    from .schedule import position_offset
+    from .schedule import position_layer, position_offset
 
     lengths = cache_lengths(plan)
     full = [plan.adapter.tokens_at_input("llm", plan.lock["inputs"])] * len(lengths)
     return {
         "policy": plan.lock["decode"]["policy"],
         "position_offset": position_offset(plan),
+        "position_from_layer": position_layer(plan),
         "cache_lengths": lengths,
         "kv_cache_bytes_per_row": {"unpruned": kv_cache_bytes(plan, full), "pruned": kv_cache_bytes(plan, lengths)},
         "note": "cache lengths and bytes at the spec's example inputs; each layer holds seq_len minus the "

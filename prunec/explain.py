@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .flops import estimate, layer_tokens, segments
+from .ragged import RowBudget
 from .schedule import stage_tokens
 from .spec import Plan
 
@@ -35,6 +36,14 @@ def stage_table(plan: Plan) -> str:
         layers.append([s.domain, f"{s.first_layer}-{s.last_layer}", str(s.tokens), f"{share:6.1%}"])
     text.append(_table(layers))
     text.append(flow_chart(plan))
+    ragged = [s for s in plan.stages if s.ragged]
+    if ragged:
+        bounds = inputs.get("images_per_row")
+        why = f"rows hold {bounds['min']}..{bounds['max']} images" if bounds else "image sizes set the token counts"
+        text.append(f"{why}, so the counts above hold at the example inputs only; each row keeps, per stage:")
+        text.extend(f"  {s.site} {s.method}: {RowBudget.of_stage(s).formula()}"
+                    f"{' of the candidates reaching it' if s.keep_of == 'stage' else ' of its input candidates'}"
+                    for s in ragged)
     if plan.stages:
         averages = ", ".join(f"{domain} {value:g}" for domain, value in flops["layer_average_candidates"].items())
         text.append(f"{plan.adapter.span} tokens per layer, averaged over the layers (the layer-averaged "
@@ -88,6 +97,6 @@ def _shape(inputs: dict) -> str:
         parts.append(f"seq_len {inputs['seq_len']}")
     if "image_size" in inputs:
         parts.append(f"image {inputs['image_size']}px")
-    if inputs.get("images", 1) > 1:
-        parts.append(f"{inputs['images']} images per row")
+    if inputs.get("images", 1) > 1 or "images_per_row" in inputs:
+        parts.append(f"{inputs.get('images', 1)} images per row")
     return ", ".join(parts)

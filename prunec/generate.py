@@ -55,6 +55,7 @@ class Generator:
         self.step = load_module(artifact, "decode.pt2", weights)
         self.layers = len(manifest["decode"]["cache_lengths"])
         self.position_offset = manifest["decode"]["position_offset"]
+        self.position_layer = manifest["decode"].get("position_from_layer")  # absent: built before it existed
         self.signature = manifest.get("signature")  # the prefill takes the model program's inputs
         lock = yaml.safe_load((artifact / "spec.lock.yaml").read_text())
         from .adapters import adapter_for
@@ -99,7 +100,9 @@ class Generator:
         valid = [v.expand(batch, -1) for v in valid]
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         tokens, scores = [], []
-        position = seq_len - self.position_offset
+        # the next position after the last token's: the prompt length the first layer after the last
+        # renumbering stage saw (right-aligned ragged rows share it), else counted at build time
+        position = keys[self.position_layer].shape[2] if self.position_layer is not None else seq_len - self.position_offset
         for step in range(max_new_tokens):
             scores.append(logits)
             token = next_tokens(logits, sampling, generator)

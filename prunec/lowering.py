@@ -38,7 +38,7 @@ class StageBuilder:
         self.last = record.anchor
         self.carried = carried  # (domain, key) -> node, shared by all stages of a build
         self.candidates: fx.Node | None = None  # [B, S] bool, set by insert_prune_ops
-        self.sizes: tuple[int, int] = (record.stage.n_candidates, record.stage.n_keep)
+        self._sizes: tuple[int, int] = (record.stage.n_candidates, record.stage.n_keep)
         self._signals: dict[tuple[str, str], Any] = {}
         self._valid: fx.Node | None = None
 
@@ -104,6 +104,36 @@ class StageBuilder:
             if isinstance(size, torch.SymInt) and size.node.expr == token_size.node.expr:
                 node = self.add("score", torch.ops.aten.slice.Tensor, (node, dim, -1, 2**63 - 1))
         return node
+
+    # -- budgets ---------------------------------------------------------------------------------
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(candidates, kept) per row, fixed at build time; a stage with run-time budgets has none."""
+        if self.stage.ragged:
+            raise BuildError(f"site {self.stage.site}: method {self.stage.method} needs one candidate count for "
+                             "every row, fixed at build time; with inputs.images_per_row the count varies per row "
+                             "(methods with run-time budgets: `prunec methods`)")
+        return self._sizes
+
+    @sizes.setter
+    def sizes(self, value: tuple[int, int]) -> None:
+        self._sizes = value
+
+    @property
+    def n_candidates(self) -> int:
+        return self.sizes[0]
+
+    def row_budget(self) -> tuple[fx.Node | None, fx.Node, str]:
+        """A ragged selection's (live tokens or None, [B] counts its ratio reads, budget JSON): the
+        tokens an earlier ragged stage kept, and the input's or this stage's candidates per row."""
+        from .ragged import RowBudget, row_counts_node
+
+        live = self.carried.get((self.stage.domain, "ragged_live"))
+        if self.stage.keep_of == "stage":
+            reference = self.add("select", torch.ops.aten.sum.dim_IntList, (self.candidates, [1]))
+        else:
+            reference = self.carried[(self.stage.domain, "input_counts")]
+        return live, reference, RowBudget.of_stage(self.stage).to_json()
 
     # -- what a lowering reads -------------------------------------------------------------------
     def signal(self, name: str, method: str | None = None):

@@ -30,6 +30,16 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     ),
+    # anyres: 28 px crops on grids of 1x2, 2x1, 2x2, 1x3 and 3x1 crops
+    "tiny-llava-next": dict(
+        model_type="llava_next",
+        vision_config=dict(model_type="clip_vision_model", projection_dim=32, **_VISION),
+        text_config=_LLAMA,
+        image_token_id=255,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]],
+    ),
     "tiny-vit": dict(model_type="vit", **_VISION),
     "tiny-clip-vision": dict(model_type="clip_vision_model", **_VISION),
     "tiny-dinov2": dict(model_type="dinov2", **_VISION),
@@ -41,6 +51,7 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
 _MODEL_CLASSES = {
     "llama": "LlamaForCausalLM",
     "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
     "vit": "ViTModel",
     "clip_vision_model": "CLIPVisionModel",
     "dinov2": "Dinov2Model",

@@ -26,7 +26,7 @@ from .kernels import use_triton
 # trace an emitted module's selections (keep-maps); method files that define their own selection op
 # add it with `keep_index_op`
 KEEP_INDEX_OPS = {"select_topk", "select_by_attention", "select_by_features", "drop_candidates", "merge_candidates",
-                  "merge_by_scores"}
+                  "merge_by_scores", "select_topk_rows", "drop_candidates_rows"}
 
 
 def keep_index_op(name: str) -> None:
@@ -171,6 +171,32 @@ def _(x, first):
     return x.new_empty((x.shape[0], x.shape[1]), dtype=torch.bool)
 
 
+@torch.library.custom_op("prunec::flag_tokens", mutates_args=())
+def flag_tokens(tokens: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """[B, S] bool: of the `tokens` (True entries, in row-major order), those whose entry in `flags`
+    (one per token, e.g. an image layout's newline marks) is negative."""
+    return torch.zeros_like(tokens).masked_scatter(tokens, flags < 0)
+
+
+@flag_tokens.register_fake
+def _(tokens, flags):
+    return torch.empty_like(tokens)
+
+
+@torch.library.custom_op("prunec::layout_scores", mutates_args=())
+def layout_scores(patches: torch.Tensor, images: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """[B, S] fp32: each image token (`images`, row-major) gets the value of the crop patch its
+    `layout` entry names in the flattened [crops, patches] `patches`; 0 for a newline (-1)."""
+    flat = patches.flatten().float()
+    values = torch.where(layout < 0, 0.0, flat[layout.clamp(min=0)])
+    return torch.zeros(images.shape, dtype=torch.float32, device=images.device).masked_scatter(images, values)
+
+
+@layout_scores.register_fake
+def _(patches, images, layout):
+    return images.new_empty(images.shape, dtype=torch.float32)
+
+
 @torch.library.custom_op("prunec::prefix_mask", mutates_args=())
 def prefix_mask(x: torch.Tensor, protect_last: int) -> torch.Tensor:
     """[B, S] bool, True before the last `protect_last` tokens: the candidates of a text sequence."""
@@ -186,7 +212,12 @@ def _(x, protect_last):
 @torch.library.custom_op("prunec::scatter_candidates", mutates_args=())
 def scatter_candidates(values: torch.Tensor, candidates: torch.Tensor, n_candidates: int) -> torch.Tensor:
     """[B, n_candidates] per-candidate values (e.g. per image patch) -> [B, S] at the candidates'
-    positions, in order; 0 elsewhere."""
+    positions, in order; 0 elsewhere. n_candidates = -1: rows hold different counts, and `values`
+    ([images, patches]) follows the candidates in row-major order (the images in pixel order)."""
+    if n_candidates < 0:
+        flat = candidates.flatten().nonzero()[:, 0]
+        out = values.new_zeros(candidates.numel(), dtype=torch.float32)
+        return out.scatter_(0, flat, values.flatten().float()).view(candidates.shape)
     return scatter_rows(values, candidate_positions(candidates, n_candidates), candidates.shape[1])
 
 
@@ -371,4 +402,5 @@ def _(method, params, candidates, inputs):
     return row_scores_fake(candidates, candidates.shape[0], candidates.shape[1])
 
 
+from . import ragged as _ragged  # noqa: E402,F401  (run-time budget ops)
 from . import methods as _registry  # noqa: E402,F401  (method files define their own ops; load them with these)

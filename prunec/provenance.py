@@ -19,7 +19,7 @@ from pathlib import Path
 from .errors import PrunecError
 
 # modules whose code runs inside every emitted program
-RUNTIME_MODULES = ("prunec.ops", "prunec.candidates", "prunec.attention", "prunec.kernels")
+RUNTIME_MODULES = ("prunec.ops", "prunec.candidates", "prunec.ragged", "prunec.anyres", "prunec.attention", "prunec.kernels")
 
 
 class CodeChangedError(PrunecError):

@@ -1,31 +1,16 @@
 """The token schedule: how many tokens and candidates each stage and each layer sees.
 
-The one place that turns budgets into counts (`ratio_count`, with the stage's rounding rule) and
+The one place that turns budgets into counts at the example inputs (`ratio_count`, with the stage's
+rounding rule, the same `ragged.round_count` that run-time budgets apply per row) and
 counts into per-stage and per-layer token numbers. Validation, FLOPs, `explain`, the manifest,
 decoding, the capture's shortest sequence, `diff`, layer-averaged budgets and `eval --keep` all
 read it, so they cannot disagree.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from fractions import Fraction
 
-ROUNDINGS = ("half_up", "half_even", "floor")
-
-
-def round_count(value: float, rounding: str) -> int:
-    """`value` (>= 0) to a whole count: half_up (0.5 -> 1), half_even (Python's `round`: 0.5 -> 0,
-    1.5 -> 2) or floor (what `int(x)` does to a positive x). The float is taken exactly as computed,
-    as the official codes compute it (`int(576 * (1 - 0.7778))` is 127)."""
-    exact = Fraction(value)
-    if rounding == "floor":
-        return math.floor(exact)
-    if rounding == "half_even":
-        return round(exact)
-    if rounding == "half_up":
-        return math.floor(exact + Fraction(1, 2))
-    raise ValueError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDINGS)}")
+from .ragged import round_count
 
 
 def ratio_count(ratio: float, original: int, rounding: str) -> int:
@@ -123,6 +108,16 @@ def position_offset(plan) -> int:
         if t.stage.positions == "renumber":
             offset = dropped
     return offset
+
+
+def position_layer(plan) -> int | None:
+    """The first LLM layer after the last stage that renumbers positions (0 when none does): its
+    prompt length is the position the first new token takes, for every row, ragged rows included
+    (they are right-aligned); None when that stage cuts after the last layer (then
+    `position_offset` says it)."""
+    cuts = [s.layer for s in plan.stages if s.domain == "llm" and s.positions == "renumber"]
+    layer = 0 if not cuts or cuts[-1] is None else cuts[-1] + 1
+    return layer if layer < plan.adapter.domains()["llm"].num_layers else None
 
 
 def scaled_counts(kept: list[int], first_candidates: int, factor: float) -> list[int]:

@@ -69,6 +69,13 @@ def spec_schema() -> dict[str, Any]:
                     "images": {"type": "integer", "minimum": 1, "maximum": 64,
                                "description": "images per row (multimodal families), each its own span of "
                                               "image tokens: e.g. in-context demonstrations plus a query"},
+                    "images_per_row": {
+                        "type": "object", "additionalProperties": False, "required": ["min", "max"],
+                        "properties": {"min": {"type": "integer", "minimum": 1, "maximum": 64},
+                                       "max": {"type": "integer", "minimum": 1, "maximum": 64}},
+                        "description": "rows may hold any number of images in [min, max], so any number of image "
+                                       "tokens: ratio budgets are then resolved per row when the model runs, and "
+                                       "rows of one batch keep different numbers of tokens"},
                     "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
                 },
             },
@@ -133,9 +140,13 @@ def spec_schema() -> dict[str, Any]:
                                        "of": {"enum": ["input", "stage"],
                                               "description": "what a ratio counts from: the model's original "
                                                              "candidates (input, the default) or those reaching "
-                                                             "this stage (stage)"}},
+                                                             "this stage (stage)"},
+                                       "min": {"type": "integer", "minimum": 0,
+                                               "description": "run-time ratio budgets: keep at least this many"},
+                                       "max": {"type": "integer", "minimum": 0,
+                                               "description": "run-time ratio budgets: keep at most this many"}},
                         "oneOf": [{"required": ["count"]}, {"required": ["ratio"]}],
-                        "dependentRequired": {"of": ["ratio"]},
+                        "dependentRequired": {"of": ["ratio"], "min": ["ratio"], "max": ["ratio"]},
                         "description": "count of candidates kept (0 drops them all, e.g. ToDRE's stage 2), "
                                        "or ratio of the original candidates (`of: stage`: of those reaching "
                                        "the stage)",

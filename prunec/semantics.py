@@ -183,6 +183,17 @@ def _check_inputs(spec: Spec, adapter, config) -> dict[str, Any]:
     if "images" in inputs and "projector.output" not in adapter.output_sites:
         raise SpecError(f"family {adapter.family} takes no images in its token sequence",
                         spec.locate("/inputs/images"))
+    if "images_per_row" in inputs:
+        bounds = inputs["images_per_row"]
+        if "projector.output" not in adapter.output_sites:
+            raise SpecError(f"family {adapter.family} takes no images in its token sequence",
+                            spec.locate("/inputs/images_per_row"))
+        if not bounds["min"] <= inputs.get("images", 1) <= bounds["max"]:
+            raise SpecError(f"expected min <= inputs.images ({inputs.get('images', 1)}) <= max, got "
+                            f"{bounds['min']}..{bounds['max']}", spec.locate("/inputs/images_per_row"))
+    if "budget" in spec.data and adapter.candidates_vary(inputs):
+        raise SpecError("budget: a layer-averaged budget needs one candidate count; here rows hold different "
+                        "counts (image sizes or inputs.images_per_row)", spec.doc.locate_key("/budget"))
     if inputs.get("images", 1) > 1:
         per_image = adapter.initial_candidates_from_config({}, ())
         needed = inputs["images"] * (per_image + 1) + 1
@@ -407,6 +418,9 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
                 raise SpecError("a merge keeps at least one token; use a prune method with `count: 0`",
                                 spec.locate(f"{ptr}/keep/{kind}"))
             _check_method_budget(spec, ptr, kind, info, params, adapter, protect, available, n_keep)
+            ragged = adapter.candidates_vary(inputs) and domain in adapter.image_domains
+            clamps = (raw["keep"].get("min", 0), raw["keep"].get("max", -1))
+            _check_ragged(spec, info, ragged, clamps, raw["keep"], ptr)
             _check_attention_before_cut(spec, info, params, layer, cut_after.get(domain), ptr)
             key = (_DOMAIN_ORDER.get(domain, 1), rank)
             if previous and key <= previous[0]:
@@ -418,8 +432,24 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             cut_after[domain] = layer
             stages.append(Stage(ptr, site, domain, layer, info.name, action, tuple(sorted(params.items())),
                                 positions, protect, (kind, value), available, n_keep,
-                                layout.query if info.scope else 0, rounding, of))
+                                layout.query if info.scope else 0, rounding, of, ragged, clamps))
     return tuple(stages)
+
+
+def _check_ragged(spec: Spec, info, ragged: bool, clamps: tuple[int, int], keep: dict, ptr: str) -> None:
+    """Run-time budgets: clamps need them; per-image and image-scoped methods need one count per image."""
+    if not ragged:
+        if "min" in keep or "max" in keep:
+            word = "min" if "min" in keep else "max"
+            raise SpecError(f"keep.{word} clamps a ratio resolved per row at run time; these inputs have one "
+                            "candidate count (declare inputs.images_per_row)", spec.locate(f"{ptr}/keep/{word}"))
+        return
+    if clamps[1] >= 0 and clamps[0] > clamps[1]:
+        raise SpecError(f"keep.min ({clamps[0]}) is above keep.max ({clamps[1]})", spec.locate(f"{ptr}/keep/min"))
+    if not info.row_budgets:
+        raise SpecError(f"method {info.name} resolves its budget at build time, for one candidate count; "
+                        "here rows hold different counts (image sizes or inputs.images_per_row; methods with "
+                        "run-time budgets: `prunec methods`)", spec.locate(f"{ptr}/method"))
 
 
 def _check_produced(spec: Spec, info, params: dict, domain: str, stages: list[Stage], ptr: str) -> None:
@@ -510,7 +540,9 @@ def _lock(data: dict, model_src: dict, inputs: dict, stages: list[Stage], spec: 
         "inputs": inputs,
         "pipeline": [
             {"site": s.site, "action": s.action, "method": s.method, "params": s.param_dict,
-             "keep": {s.keep_spec[0]: s.keep_spec[1], **({"of": "stage"} if s.keep_of == "stage" else {})},
+             "keep": {s.keep_spec[0]: s.keep_spec[1], **({"of": "stage"} if s.keep_of == "stage" else {}),
+                      **({"min": s.keep_clamps[0]} if s.keep_clamps[0] else {}),
+                      **({"max": s.keep_clamps[1]} if s.keep_clamps[1] >= 0 else {})},
              "rounding": s.rounding, "positions": s.positions,
              "protect": list(s.protect)}
             for s in stages

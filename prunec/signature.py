@@ -68,8 +68,12 @@ def record(program: torch.export.ExportedProgram, dynamic_shapes, input_names, r
 def compiled_signature(compiled) -> dict:
     """The signature of a compiled plan's program (what `emit` records and `prunec.compile` checks)."""
     plan = compiled.plan
-    return record(compiled.program, compiled.context.dynamic_shapes, plan.adapter.input_names(),
-                  plan.adapter.input_rules(plan.lock["inputs"]))
+    signature = record(compiled.program, compiled.context.dynamic_shapes, plan.adapter.input_names(),
+                       plan.adapter.input_rules(plan.lock["inputs"]))
+    derive = plan.adapter.derive_inputs()
+    if derive is not None:
+        signature["derive"] = derive
+    return signature
 
 
 def _shape_words(entry: dict, axes: dict) -> str:
@@ -103,6 +107,57 @@ def bind(signature: dict, args: tuple, kwargs: dict) -> dict[str, Any]:
     if missing:
         raise PrunecInputError(f"missing input {missing[0]}; the artifact takes {', '.join(names)}")
     return bound
+
+
+def derive(rule: dict, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The program's inputs, by name, from what a user passes (`rule["takes"]`, a processor's output).
+    anyres: pixel_values [images, crops, 3, H, W] and image_sizes [images, 2] become the real crops
+    and the image token layout (`prunec.anyres`)."""
+    from .anyres import derive_anyres
+
+    names = rule["takes"]
+    if len(args) > len(names):
+        raise PrunecInputError(f"{len(args)} positional inputs; the artifact takes {len(names)}: {', '.join(names)}")
+    bound = dict(zip(names, args))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise PrunecInputError(f"unexpected input {key!r}; the artifact takes {', '.join(names)}")
+        bound[key] = value
+    missing = [n for n in names if n not in bound]
+    if missing:
+        raise PrunecInputError(f"missing input {missing[0]}; the artifact takes {', '.join(names)}")
+    pixels, sizes = bound.pop("pixel_values"), bound.pop("image_sizes")
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5:
+        raise PrunecInputError("input pixel_values: the artifact takes a processor's [images, crops, 3, H, W] "
+                               f"tensor, got {tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__}")
+    if not isinstance(sizes, torch.Tensor) or sizes.dim() != 2 or sizes.shape != (pixels.shape[0], 2):
+        raise PrunecInputError(f"input image_sizes: the artifact takes one (height, width) per image, "
+                               f"[{pixels.shape[0]}, 2], got {tuple(sizes.shape) if isinstance(sizes, torch.Tensor) else type(sizes).__name__}")
+    if rule["kind"] != "anyres":
+        raise PrunecInputError(f"this prunec does not know the input derivation {rule['kind']!r}; rebuild the artifact")
+    try:
+        bound["pixel_values"], bound["image_layout"], tokens = derive_anyres(rule, pixels, sizes)
+    except (ValueError, TypeError) as exc:
+        raise PrunecInputError(f"input image_sizes: {exc}") from None
+    ids = bound["input_ids"]
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        _check_images_per_row(ids, rule["token"], tokens)
+    return bound
+
+
+def _check_images_per_row(ids: torch.Tensor, token: int, per_image: list[int]) -> None:
+    """Each row's image tokens are those of the next whole images, in order."""
+    images = iter(enumerate(per_image))
+    for row, count in enumerate((ids == token).sum(dim=1).tolist()):
+        taken = []
+        while sum(taken) < count:
+            index, n = next(images, (None, None))
+            if index is None:
+                break
+            taken.append(n)
+        if sum(taken) != count:
+            raise PrunecInputError(f"input input_ids: row {row} holds {count} image tokens (id {token}), which are not "
+                                   f"whole images in order: the images' sizes give {per_image} tokens per image")
 
 
 def _convert(name: str, value: Any, entry: dict, device: torch.device | None) -> torch.Tensor:
@@ -164,10 +219,25 @@ def _check_rules(rules: list[dict], tensors: dict[str, torch.Tensor]) -> None:
                                        f"{low}..{high}")
         elif rule["kind"] == "count_per_row":
             counts = (value == rule["token"]).sum(dim=-1).tolist()
-            wrong = next((row for row, n in enumerate(counts) if n != rule["count"]), None)
+            allowed = rule.get("allowed", [rule.get("count")])
+            wrong = next((row for row, n in enumerate(counts) if n not in allowed), None)
             if wrong is not None:
+                takes = (f"exactly {allowed[0]}" if len(allowed) == 1 else
+                         f"one of {', '.join(map(str, allowed))}")
                 raise PrunecInputError(f"input {rule['input']}: row {wrong} holds {counts[wrong]} {rule['what']} "
-                                       f"(id {rule['token']}); the artifact takes exactly {rule['count']} per row")
+                                       f"(id {rule['token']}); the artifact takes {takes} per row")
+        elif rule["kind"] == "layout_tokens":
+            tokens = int((tensors[rule["per"]] == rule["token"]).sum())
+            if tokens != value.shape[0]:
+                raise PrunecInputError(f"input {rule['per']} holds {tokens} image tokens (id {rule['token']}), but "
+                                       f"the images' sizes give {value.shape[0]}")
+        elif rule["kind"] == "rows_for_tokens":
+            rows = value.shape[0]
+            tokens = int((tensors[rule["per"]] == rule["token"]).sum())
+            if rows * rule["tokens"] != tokens:
+                raise PrunecInputError(f"input {rule['input']} holds {rows} {rule['what']}, but {rule['per']} holds "
+                                       f"{tokens} image tokens (id {rule['token']}), which is "
+                                       f"{tokens / rule['tokens']:g} {rule['what']} of {rule['tokens']}")
         elif rule["kind"] == "rows_per_row":
             rows, batch = value.shape[0], tensors[rule["per"]].shape[0]
             if rows != batch * rule["count"]:
@@ -186,6 +256,8 @@ def _check_rules(rules: list[dict], tensors: dict[str, torch.Tensor]) -> None:
 def check_inputs(signature: dict, args: tuple, kwargs: dict, device: torch.device | None = None
                  ) -> tuple[torch.Tensor, ...]:
     """The program's positional inputs, checked and converted; PrunecInputError otherwise."""
+    if "derive" in signature:
+        args, kwargs = (), derive(signature["derive"], args, kwargs)
     bound = bind(signature, args, kwargs)
     tensors = {e["name"]: _convert(e["name"], bound[e["name"]], e, device) for e in signature["inputs"]}
     _check_shapes(signature, tensors)

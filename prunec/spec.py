@@ -48,6 +48,8 @@ class Stage:
     query_tokens: int = 0         # image-scoped methods: the query (last) image's candidates entering the stage
     rounding: str = "half_up"     # ratio -> count: the stage's `rounding:`, else its method's official rule
     keep_of: str = "input"        # a ratio counts from the original candidates (input) or those reaching (stage)
+    ragged: bool = False          # resolved per row at run time (inputs.images_per_row); counts above are the example's
+    keep_clamps: tuple[int, int] = (0, -1)  # run-time ratio budgets: (min, max kept; -1 = none)
 
     @property
     def param_dict(self) -> dict[str, Any]:
@@ -262,7 +264,7 @@ def _expected(err: jsonschema.ValidationError) -> str:
     if v in ("minProperties", "oneOf") and "count" in s.get("properties", {}):
         return "expected exactly one of `count` or `ratio`"
     if v == "dependentRequired":
-        return "`of` applies to a ratio budget"
+        return "`of`, `min` and `max` apply to a ratio budget"
     if v == "uniqueItems":
         return "expected unique items"
     if v == "minItems":

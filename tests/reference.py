@@ -510,19 +510,29 @@ class HookReference:
         self.is_llava = hasattr(model.model, "language_model")
         self.lm = model.model.language_model if self.is_llava else model.model
 
-    def _candidates(self, input_ids):
-        if self.is_llava:
-            return [torch.nonzero(r == self.model.config.image_token_id).flatten().tolist() for r in input_ids]
-        return [list(range(input_ids.shape[1] - 1)) for _ in input_ids]
+    def _candidates(self, input_ids, pixel_values=None, image_sizes=None):
+        if not self.is_llava:
+            return [list(range(input_ids.shape[1] - 1)) for _ in input_ids]
+        image_tokens = [torch.nonzero(r == self.model.config.image_token_id).flatten().tolist() for r in input_ids]
+        if image_sizes is None:
+            return image_tokens
+        # LLaVA-NeXT: HF's own packed features; its newline rows (the image_newline vector) are not candidates
+        config = self.model.config
+        packed = torch.cat(self.model.model.get_image_features(
+            pixel_values, image_sizes, vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy).pooler_output)
+        newline = (packed == self.model.model.image_newline).all(dim=-1).tolist()
+        flags = iter(newline)
+        return [[p for p in row if not next(flags)] for row in image_tokens]
 
     @torch.no_grad()
-    def __call__(self, input_ids, attention_mask, pixel_values=None, cache=None):
+    def __call__(self, input_ids, attention_mask, pixel_values=None, cache=None, image_sizes=None):
         """Logits of the pruned forward. With a DynamicCache, each layer stores the K/V of the tokens
         it kept, `self.layer_masks[i]` is the 4-D mask layer i used, and `self.last_position[b]` is the
         rotary position row b's last token has in the last layer."""
         lm = self.lm
         self.layer_masks = {}
-        state = {"cands": self._candidates(input_ids), "cur": None, "pending": None, "attn": None, "pos": None}
+        state = {"cands": self._candidates(input_ids, pixel_values, image_sizes), "cur": None, "pending": None, "attn": None, "pos": None}
         state["patches"] = [list(range(len(c))) for c in state["cands"]]  # patch id of each candidate
         state["images"] = pixel_values.shape[0] // input_ids.shape[0] if pixel_values is not None else 1
         state["per_image"] = len(state["cands"][0]) // state["images"]
@@ -886,7 +896,15 @@ class HookReference:
                 lambda m, a, out, i=i, name=name: state.setdefault(name, {}).__setitem__(i, out))
                 for i, layer in enumerate(self.model.model.vision_tower.encoder.layers) for name in ("q_proj", "k_proj")]
             try:
-                vision = self.model.model.vision_tower(pixel_values, output_attentions=True)
+                crops = pixel_values
+                if image_sizes is not None:  # LLaVA-NeXT: every image's real crops, in order
+                    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+                    counts = [image_size_to_num_patches(size, self.model.config.image_grid_pinpoints,
+                                                        self.model.config.vision_config.image_size)
+                              for size in image_sizes.tolist()]
+                    crops = torch.cat([pixel_values[i, :n] for i, n in enumerate(counts)])
+                vision = self.model.model.vision_tower(crops, output_attentions=True)
             finally:
                 for h in key_hooks:
                     h.remove()
@@ -895,7 +913,18 @@ class HookReference:
             lead = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
             state["vision"] = [a.double() for a in vision.attentions]  # per layer [B, H, S, S]
             state["feature"], state["lead"] = feature, lead
-            state["vision_cls"] = state["vision"][feature][:, :, 0].mean(dim=1)[:, lead:]
+            # per row: its images' [CLS] rows one after another (pixel_values holds a row's images in order)
+            state["vision_cls"] = state["vision"][feature][:, :, 0].mean(dim=1)[:, lead:].reshape(input_ids.shape[0], -1)
+            if image_sizes is not None:
+                # each crop's [CLS] row over its patches, packed as HF packs features (a 1-wide "feature"
+                # with a NaN newline, dropped: newline tokens are not candidates), the row's images in order
+                per_crop = state["vision"][feature][:, :, 0].mean(dim=1)[:, lead:, None]
+                packed = self.model.model.pack_image_features(
+                    list(per_crop.split(counts)), image_sizes, self.model.config.vision_feature_select_strategy,
+                    image_newline=torch.full((1,), float("nan"), dtype=per_crop.dtype))[0]
+                values = [v for image in packed for v in image[:, 0].tolist() if v == v]
+                assert input_ids.shape[0] == 1, "the NeXT reference runs one row at a time"
+                state["vision_cls"] = torch.tensor([values], dtype=torch.float64)
             # head-mean keys of the feature layer: the k projection split into heads, then averaged
             k_proj = state["k_proj"][feature]
             heads = self.model.config.vision_config.num_attention_heads
@@ -915,6 +944,8 @@ class HookReference:
                     handles.append(layer.mlp.register_forward_hook(sum_transitions(i)))
             handles.append(lm.norm.register_forward_pre_hook(before_norm))
             images = {"pixel_values": pixel_values} if self.is_llava else {}
+            if image_sizes is not None:
+                images["image_sizes"] = image_sizes
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
                                 use_cache=cache is not None, **images).logits
             length = self.layer_masks[0].shape[-1]  # tokens entering the LLM
@@ -928,7 +959,7 @@ class HookReference:
                 h.remove()
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, pixel_values=None, *, max_new_tokens: int):
+    def generate(self, input_ids, attention_mask, pixel_values=None, *, max_new_tokens: int, image_sizes=None):
         """Greedy decoding with HF's own DynamicCache: prune at prefill (static policy), then feed one
         token at a time through the decoder layers, each against the keys it kept, the new token at
         the position after the last token's final one. Returns (token ids [B, T], logits [B, T, V])."""
@@ -936,7 +967,7 @@ class HookReference:
 
         lm = self.lm
         cache = DynamicCache(config=self.model.config)
-        logits = self(input_ids, attention_mask, pixel_values, cache=cache)[:, -1]
+        logits = self(input_ids, attention_mask, pixel_values, cache=cache, image_sizes=image_sizes)[:, -1]
         # per layer: keys row b may attend (the last query's row of the mask the layer used)
         valid = {}
         for i, mask in self.layer_masks.items():

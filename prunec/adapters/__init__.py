@@ -28,6 +28,6 @@ def families() -> list[str]:
     return sorted({cls.family for cls in _ADAPTERS.values()})
 
 
-from . import bert, llama, llava, vision  # noqa: E402,F401  (registration, explicit list)
+from . import bert, llama, llava, llava_next, vision  # noqa: E402,F401  (registration, explicit list)
 
 __all__ = ["Adapter", "Domain", "ExampleShape", "adapter_for", "families", "register_adapter"]

@@ -45,6 +45,8 @@ class Adapter:
     needs_image: ClassVar[bool] = False
     generates: ClassVar[bool] = False                 # a causal LM: decode cost and KV cache apply
     poolings: ClassVar[tuple[str, ...]] = ()          # `output.pooling` values the wrapper offers
+    image_domains: ClassVar[tuple[str, ...]] = ()     # domains whose candidates are image tokens (count varies
+                                                      # with the images per row)
     # (input module, block module) of each residual sub-block, relative to a layer: the block's
     # input is the first module's output (a norm), its output the block's, before the residual add
     sub_blocks: ClassVar[tuple[tuple[str, str], ...]] = ()
@@ -137,6 +139,17 @@ class Adapter:
             valid.meta["val"] = torch.empty_like(mask.meta["val"], dtype=torch.bool)
         return valid
 
+    def candidates_vary(self, inputs: dict[str, Any]) -> bool:
+        """Whether rows may hold different numbers of candidates (then `image_domains` stages resolve
+        their budgets per row at run time): with `inputs.images_per_row`, or always where image sizes
+        set the token count."""
+        return "images_per_row" in inputs
+
+    def derive_inputs(self) -> dict | None:
+        """How a loaded artifact derives the program's inputs from what users pass (a processor's
+        output), recorded in the signature; None when they are the same."""
+        return None
+
     def vision_feature_layer(self) -> int:
         """For a pre-LLM site: the 0-indexed vision layer whose output the LLM receives."""
         raise ValueError(f"family {self.family} has no vision tower feeding a later domain")
@@ -145,6 +158,12 @@ class Adapter:
         """For a pre-LLM site: (vision layer `layer`'s sdpa call, how many leading tokens of that
         attention are not candidates, e.g. a [CLS] the projector never sees)."""
         raise ValueError(f"family {self.family} has no vision tower feeding a later domain")
+
+    def patch_scores(self, b, patches: fx.Node) -> fx.Node:
+        """[B, S] scores over the site's tokens from `patches` ([images, patches]: one value per
+        vision-tower patch, e.g. a [CLS] attention row), placed on the image tokens in order."""
+        per_row = -1 if b.stage.ragged else b.n_candidates  # -1: rows hold different counts
+        return b.add("score", torch.ops.prunec.scatter_candidates.default, (patches, b.candidates, per_row))
 
     def check_candidates(self, gm: fx.GraphModule, expected: int) -> None:
         """Raise ValueError if the captured graph disagrees with the config-derived count."""

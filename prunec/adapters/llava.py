@@ -57,6 +57,7 @@ class LlavaAdapter(Adapter):
     needs_image = True
     generates = True
     sub_blocks = LLAMA_SUB_BLOCKS
+    image_domains = ("llm",)
 
     def domains(self):
         text = self.config.text_config
@@ -90,10 +91,18 @@ class LlavaAdapter(Adapter):
         return ("input_ids", "attention_mask", "pixel_values")
 
     def input_rules(self, inputs):
-        images = inputs.get("images", 1)
+        images, per_image, token = inputs.get("images", 1), self.image_tokens_per_image(), self.config.image_token_id
+        if "images_per_row" in inputs:  # any image count in the bounds; pixel_values holds all rows' images
+            bounds = inputs["images_per_row"]
+            allowed = [n * per_image for n in range(bounds["min"], bounds["max"] + 1)]
+            return [*token_rules(self.config.text_config.vocab_size),
+                    {"kind": "count_per_row", "input": "input_ids", "token": token, "allowed": allowed,
+                     "what": f"image tokens ({per_image} per image, {bounds['min']}..{bounds['max']} images)"},
+                    {"kind": "rows_for_tokens", "input": "pixel_values", "per": "input_ids", "token": token,
+                     "tokens": per_image, "what": "images"}]
         return [*token_rules(self.config.text_config.vocab_size),
-                {"kind": "count_per_row", "input": "input_ids", "token": self.config.image_token_id,
-                 "count": images * self.image_tokens_per_image(), "what": "image tokens"},
+                {"kind": "count_per_row", "input": "input_ids", "token": token,
+                 "count": images * per_image, "what": "image tokens"},
                 {"kind": "rows_per_row", "input": "pixel_values", "per": "input_ids", "count": images,
                  "what": "images"}]
 

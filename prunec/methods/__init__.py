@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from ..ragged import ROUNDINGS
+
 # Signal names (each has a provider in prunec/signals.py):
 # attention_qk: the site layer's own post-RoPE q/k (read from its sdpa call);
 # next_layer_qk: the next layer's q (last row) and k recomputed on the site's hidden states;
@@ -71,6 +73,8 @@ class MethodInfo:
     produce: Callable[..., Any] | None = None  # (builder, signal) -> [B, S] node, carried with the tokens
     kernel: bool = False             # its scoring and selection run as Triton kernels on GPU
     rounding: str = "half_up"        # ratio -> count, as its official code does: half_up | half_even | floor
+    row_budgets: bool = False        # its lowering resolves budgets per row at run time (rows of different
+                                     # candidate counts, `inputs.images_per_row`); tests/test_ragged.py checks it
     rounding_source: str = ""        # where that rule comes from
     eager_way: str | None = None     # how `prunec bench`'s eager-attention baseline scores it, if it can:
                                      # "attention_probabilities" | "next_layer_rows" | "select_before_llm"
@@ -78,8 +82,6 @@ class MethodInfo:
 
 _METHODS: dict[str, MethodInfo] = {}
 
-
-ROUNDINGS = ("half_up", "half_even", "floor")
 
 
 def register_method(info: MethodInfo) -> MethodInfo:
@@ -130,7 +132,7 @@ def catalog() -> list[dict[str, Any]]:
             "method": name, "action": info.action, "kind": info.kind, "sites": sites,
             "signals": list(info.signals) or ["(its terms')"], "positions": info.default_positions,
             "variants": info.variants, "params": sorted(info.params_schema.get("properties", {})),
-            "rounding": info.rounding,
+            "rounding": info.rounding, "row_budgets": info.row_budgets,
             "fusable": info.lower_scores is not None and info.action == "prune" and not info.scope,
             "summary": info.summary, "source": info.source,
         })

@@ -16,6 +16,8 @@ Ratio budgets round as the official code does: `round(SUBSET_RATIO * N)`, half t
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import ops
@@ -23,6 +25,7 @@ from ..candidates import (candidate_positions, candidate_rows, keep_indices, kee
                           scatter_rows)
 from ..kernels import use_triton
 from ..lowering import Selection
+from ..ragged import RowBudget, kept_counts, ragged_fake, ragged_keep
 from . import MethodInfo, register_method
 
 
@@ -101,21 +104,43 @@ def _(hidden, candidates, n_candidates):
     return row_scores_fake(hidden, candidates.shape[0], candidates.shape[1])
 
 
+@torch.library.custom_op("prunec::select_divprune_rows", mutates_args=())
+def select_divprune_rows(hidden: torch.Tensor, candidates: torch.Tensor, live: Optional[torch.Tensor],
+                         reference: torch.Tensor, budget: str) -> torch.Tensor:
+    """DivPrune per row with a run-time budget (rows may hold different candidate counts)."""
+    counts = kept_counts(RowBudget.from_json(budget), reference, candidates)
+    greedy = None
+    if use_triton(hidden):
+        from ..kernels.max_min_greedy import max_min_greedy as greedy
+    return ragged_keep(candidates, live,
+                       lambda b, positions: divprune_keep(hidden[b:b + 1, positions], counts[b], greedy)[0])
+
+
+@select_divprune_rows.register_fake
+def _(hidden, candidates, live, reference, budget):
+    return ragged_fake(candidates)
+
+
 ops.keep_index_op("select_divprune")
+ops.keep_index_op("select_divprune_rows")
 
 
 def _lower_select(b) -> Selection:
     """Its own op: the greedy loop has a Triton kernel."""
+    if b.stage.ragged:
+        return Selection(b.add("select", torch.ops.prunec.select_divprune_rows.default,
+                               (b.signal("hidden"), b.candidates, *b.row_budget())))
     return Selection(b.add("select", torch.ops.prunec.select_divprune.default, (b.signal("hidden"), b.candidates,
                                                                                  *b.sizes)))
 
 
 def _lower_scores(b, method, params):
     return b.add("score", torch.ops.prunec.diversity_scores.default,
-                 (b.signal("hidden", method), b.candidates, b.stage.n_candidates))
+                 (b.signal("hidden", method), b.candidates, b.n_candidates))
 
 
 register_method(MethodInfo(
+    row_budgets=True,
     name="divprune",
     action="prune",
     kind="select",

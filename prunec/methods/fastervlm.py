@@ -23,6 +23,7 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, s
 
 
 register_method(MethodInfo(
+    row_budgets=True,
     name="fastervlm",
     lower_scores=cls_row_scores,
     kernel=True,

@@ -16,6 +16,7 @@ from .lowerings import attention_row_scores
 
 
 register_method(MethodInfo(
+    row_budgets=True,
     name="fastv",
     lower_scores=attention_row_scores,
     kernel=True,

@@ -52,7 +52,7 @@ def cls_row_scores(b: StageBuilder, method: str, params: dict):
     if b.stage.layer is not None:
         return row
     patches = b.add("score", torch.ops.aten.slice.Tensor, (row, 1, leading, 2**63 - 1))
-    return b.add("score", _OPS.scatter_candidates.default, (patches, b.candidates, b.stage.n_candidates))
+    return b.ctx.adapter.patch_scores(b, patches)
 
 
 def attention_map_scores(b: StageBuilder, method: str, params: dict):
@@ -70,8 +70,8 @@ def attention_map_scores(b: StageBuilder, method: str, params: dict):
         b.carried[key] = b.rows(scores)
     if at_layer:
         return scores
-    patches = b.add("score", torch.ops.aten.slice.Tensor, (scores, 1, -b.stage.n_candidates, 2**63 - 1))
-    return b.add("score", _OPS.scatter_candidates.default, (patches, b.candidates, b.stage.n_candidates))
+    patches = b.add("score", torch.ops.aten.slice.Tensor, (scores, 1, -b.n_candidates, 2**63 - 1))
+    return b.add("score", _OPS.scatter_candidates.default, (patches, b.candidates, b.n_candidates))
 
 
 def image_context_scores(b: StageBuilder, method: str, params: dict):
@@ -82,7 +82,7 @@ def image_context_scores(b: StageBuilder, method: str, params: dict):
     a = b.signal("layer_attention", method) if "layer_attention" in info.signals else None
     a = a or _no_attention()
     return b.add("score", _OPS.image_context_scores.default,
-                 (method, params_json(info, params), hidden, images, b.stage.n_candidates, query_tokens, b.valid,
+                 (method, params_json(info, params), hidden, images, b.n_candidates, query_tokens, b.valid,
                   a.qs, a.ks, a.masks, a.scales, a.causal))
 
 
@@ -97,6 +97,8 @@ def keep_top_scores(b: StageBuilder) -> Selection:
     """Keep the highest-scoring candidates of the method's own scores."""
     info = _info(b.stage.method)
     scores = info.lower_scores(b, info.name, b.stage.param_dict)
+    if b.stage.ragged:
+        return Selection(b.add("select", _OPS.select_topk_rows.default, (scores, b.candidates, *b.row_budget())))
     return Selection(b.add("select", _OPS.select_topk.default, (scores, b.candidates, *b.sizes)))
 
 

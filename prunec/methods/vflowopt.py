@@ -151,7 +151,7 @@ def _produce(b, signal: str):
     a = b.signal("layer_attention")
     params = b.stage.param_dict
     importance = b.add("score", torch.ops.prunec.vision_importance.default,
-                       (a.qs, a.ks, a.masks, a.scales, a.causal, b.candidates, b.stage.n_candidates,
+                       (a.qs, a.ks, a.masks, a.scales, a.causal, b.candidates, b.n_candidates,
                         params["threshold"], b.signal("pixels"), params["entropy_weight"]))
     return b.rows(importance)
 
