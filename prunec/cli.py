@@ -59,15 +59,30 @@ def validate(spec: Path = typer.Argument(..., help="spec file")) -> None:
 
 
 @app.command()
-def explain(spec: Path = typer.Argument(..., help="spec file")) -> None:
+def explain(spec: Path = typer.Argument(..., help="spec file"),
+            image_size: Optional[list[str]] = typer.Option(
+                None, "--image-size", help="HxW (repeatable): the schedule for images of these sizes, one per row "
+                                           "(families whose token count follows the image size)")) -> None:
     """Show each stage: site, method, tokens in and out, and the FLOPs they leave."""
     from . import plan
-    from .explain import stage_table
+    from .explain import size_table, stage_table
 
     try:
-        typer.echo(stage_table(plan(spec)))
+        sizes = [_image_size(text) for text in image_size or []]
+        the_plan = plan(spec)
+        per_size = size_table(the_plan, sizes) if sizes else None
+        typer.echo(stage_table(the_plan))
+        if per_size:
+            typer.echo(per_size)
     except PrunecError as exc:
         _fail(exc)
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    height, _, width = text.lower().partition("x")
+    if not (height.isdigit() and width.isdigit()) or not int(height) or not int(width):
+        raise PrunecError(f"--image-size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 672x336")
+    return int(height), int(width)
 
 
 @app.command()

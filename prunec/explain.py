@@ -100,3 +100,26 @@ def _shape(inputs: dict) -> str:
     if inputs.get("images", 1) > 1 or "images_per_row" in inputs:
         parts.append(f"{inputs.get('images', 1)} images per row")
     return ", ".join(parts)
+
+
+def size_table(plan: Plan, sizes: list[tuple[int, int]]) -> str:
+    """Per image size (one image per row): its image tokens and candidates, and what each stage keeps
+    of them by its per-row budget."""
+    from .errors import PrunecError
+
+    protect = plan.stages[0].protect if plan.stages else plan.adapter.protectable
+    if plan.adapter.tokens_for_image((1, 1), protect) is None:
+        raise PrunecError(f"--image-size: family {plan.adapter.family} takes one image size (inputs.image_size); "
+                          "the option applies to families whose token count follows the image size (llava_next)")
+    header = ["image (h x w)", "image tokens", "candidates", *(f"{s.site} {s.method} keeps" for s in plan.stages),
+              "tokens dropped per row"]
+    rows = [header]
+    for height, width in sizes:
+        tokens, candidates = plan.adapter.tokens_for_image((height, width), protect)
+        reaching, kept = candidates, []
+        for stage in plan.stages:
+            budget = RowBudget.of_stage(stage)
+            reaching = budget.kept(reaching if stage.keep_of == "stage" else candidates, reaching)
+            kept.append(str(reaching))
+        rows.append([f"{height} x {width}", str(tokens), str(candidates), *kept, str(candidates - reaching)])
+    return _table(rows)

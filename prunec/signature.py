@@ -93,7 +93,10 @@ def _axis_range(axis: dict) -> str:
 
 def bind(signature: dict, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Positional and keyword inputs by name; unknown or missing names are input errors."""
-    names = [entry["name"] for entry in signature["inputs"]]
+    return _by_name([entry["name"] for entry in signature["inputs"]], args, kwargs)
+
+
+def _by_name(names: list[str], args: tuple, kwargs: dict) -> dict[str, Any]:
     if len(args) > len(names):
         raise PrunecInputError(f"{len(args)} positional inputs; the artifact takes {len(names)}: {', '.join(names)}")
     bound = dict(zip(names, args))
@@ -115,17 +118,9 @@ def derive(rule: dict, args: tuple, kwargs: dict) -> dict[str, Any]:
     and the image token layout (`prunec.anyres`)."""
     from .anyres import derive_anyres
 
-    names = rule["takes"]
-    if len(args) > len(names):
-        raise PrunecInputError(f"{len(args)} positional inputs; the artifact takes {len(names)}: {', '.join(names)}")
-    bound = dict(zip(names, args))
-    for key, value in kwargs.items():
-        if key not in names:
-            raise PrunecInputError(f"unexpected input {key!r}; the artifact takes {', '.join(names)}")
-        bound[key] = value
-    missing = [n for n in names if n not in bound]
-    if missing:
-        raise PrunecInputError(f"missing input {missing[0]}; the artifact takes {', '.join(names)}")
+    if rule["kind"] != "anyres":
+        raise PrunecInputError(f"this prunec does not know the input derivation {rule['kind']!r}; rebuild the artifact")
+    bound = _by_name(rule["takes"], args, kwargs)
     pixels, sizes = bound.pop("pixel_values"), bound.pop("image_sizes")
     if not isinstance(pixels, torch.Tensor) or pixels.dim() != 5:
         raise PrunecInputError("input pixel_values: the artifact takes a processor's [images, crops, 3, H, W] "
@@ -133,8 +128,6 @@ def derive(rule: dict, args: tuple, kwargs: dict) -> dict[str, Any]:
     if not isinstance(sizes, torch.Tensor) or sizes.dim() != 2 or sizes.shape != (pixels.shape[0], 2):
         raise PrunecInputError(f"input image_sizes: the artifact takes one (height, width) per image, "
                                f"[{pixels.shape[0]}, 2], got {tuple(sizes.shape) if isinstance(sizes, torch.Tensor) else type(sizes).__name__}")
-    if rule["kind"] != "anyres":
-        raise PrunecInputError(f"this prunec does not know the input derivation {rule['kind']!r}; rebuild the artifact")
     try:
         bound["pixel_values"], bound["image_layout"], tokens = derive_anyres(rule, pixels, sizes)
     except (ValueError, TypeError) as exc:

@@ -11,6 +11,7 @@ formula.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from prunec.errors import PrunecInputError
 from prunec.models import load_model
 
 ATOL = 1e-5
-SIZES = ((30, 50), (60, 20), (40, 40))  # three image token counts on the tiny config (52, 64, 88)
+SIZES = ((30, 50), (60, 20), (40, 40))  # three image token counts on the tiny config (52, 76, 88)
 
 SPEC = """
     prunec: 1
@@ -173,3 +174,40 @@ def test_generation_on_three_image_sizes_equals_each_row_decoded_alone_by_the_re
         hf.set_attn_implementation("sdpa")
         assert torch.equal(ours[b], expected[0]), b
         torch.testing.assert_close(our_logits[b], logits[0], atol=1e-4, rtol=0)
+
+
+NEXT_SPECS = sorted((Path(__file__).parents[1] / "specs" / "llava-next").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", NEXT_SPECS, ids=[p.stem for p in NEXT_SPECS])
+def test_published_budgets_keep_their_count_of_2880_and_scale_with_the_image(path):
+    """The example specs' ratios keep the published 640/320/160 of 2,880 image tokens, and a row's own
+    share of any other count (half to even for FastV and DivPrune, computed here)."""
+    import prunec
+    from prunec.ragged import RowBudget
+
+    (stage,) = prunec.plan(path).stages
+    published = int(path.stem.rsplit("-", 1)[1])
+    budget = RowBudget.of_stage(stage)
+    assert stage.ragged and budget.kept(2880, 2880) == published
+    assert budget.kept(1576, 1576) == round(float(stage.keep_spec[1]) * 1576)
+
+
+def test_explain_prints_the_schedule_for_given_image_sizes():
+    """Image tokens from HF's own packing (`_image_tokens`); kept = FastV's half-to-even share of the
+    candidates (image tokens minus newlines)."""
+    from typer.testing import CliRunner
+
+    from prunec.cli import app
+
+    spec = Path(__file__).parents[1] / "specs" / "llava-next" / "fastv-640.yaml"
+    hf = load_model({"builtin": "tiny-llava-next"}, Path("."))
+    result = CliRunner().invoke(app, ["explain", str(spec), "--image-size", "30x50", "--image-size", "60x20"])
+    assert result.exit_code == 0, result.output
+    for size in ((30, 50), (60, 20)):
+        tokens, newlines = _image_tokens(hf, size)
+        kept = round(0.2222 * (tokens - newlines))
+        line = next(line for line in result.output.splitlines() if line.startswith(f"{size[0]} x {size[1]} "))
+        assert line.split()[3:] == [str(tokens), str(tokens - newlines), str(kept), str(tokens - newlines - kept)]
+    bad = CliRunner().invoke(app, ["explain", str(spec), "--image-size", "30y50"])
+    assert bad.exit_code == 2 and bad.output.strip().endswith("expected HEIGHTxWIDTH in pixels, e.g. 672x336")

@@ -145,6 +145,11 @@ class Adapter:
         set the token count."""
         return "images_per_row" in inputs
 
+    def tokens_for_image(self, size: tuple[int, int], protect: tuple[str, ...]) -> tuple[int, int] | None:
+        """(image tokens, candidates among them) an image of `size` (height, width) gets, for families
+        whose token count follows the image size; None for the others."""
+        return None
+
     def derive_inputs(self) -> dict | None:
         """How a loaded artifact derives the program's inputs from what users pass (a processor's
         output), recorded in the signature; None when they are the same."""

@@ -23,6 +23,7 @@ from torch.export import Dim
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..anyres import anyres_layout
+from ..errors import PrunecError
 from . import register_adapter
 from .base import ExampleShape, batch_dim, last_logits, random_token_ids, token_rules
 from .llava import LlavaAdapter
@@ -83,6 +84,9 @@ class LlavaNextAdapter(LlavaAdapter):
     def image_tokens(self, size: tuple[int, int], protect=()) -> int:
         _, index = anyres_layout(self.layout_config(), [size])
         return len(index) - (index.count(-1) if "newline" in protect else 0)
+
+    def tokens_for_image(self, size, protect):
+        return self.image_tokens(size), self.image_tokens(size, protect)
 
     def image_tokens_per_image(self) -> int:
         return max(self.image_tokens(size) for size in self.example_image_sizes())
@@ -166,5 +170,5 @@ class LlavaNextAdapter(LlavaAdapter):
         """Counts depend on the image sizes; nothing fixed to compare."""
 
     def patch_positions(self, inputs, row):
-        raise NotImplementedError("keep-maps for anyres crops are not implemented yet")
+        raise PrunecError("keep-maps of LLaVA-NeXT's anyres crops are not implemented yet")
 
