@@ -61,7 +61,7 @@ def _ideals(plan, batch, ratio: float, site_layer: int) -> dict:
     kept = [n - images * per_image + round(ratio * images * per_image) for n, images in zip(lengths, IMAGES)]
     before, after = site_layer + 1, layers - site_layer - 1
     tower = fixed * sum(IMAGES)
-    padded, kept_padded = batch[0].shape[1], max(k + (batch[0].shape[1] - n) for k, n in zip(kept, lengths))
+    padded, kept_padded = batch[0].shape[1], max(kept)  # a ragged stage drops the inputs' padding too
     unpruned_padded = tower + len(IMAGES) * layers * _layer_macs(text, padded)
     pruned_padded = tower + len(IMAGES) * (before * _layer_macs(text, padded) + after * _layer_macs(text, kept_padded))
     unpruned_rows = tower + sum(layers * _layer_macs(text, n) for n in lengths)
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--from-json", type=Path)
+    parser.add_argument("--one-row-from", type=Path, help="take part 1 from a recorded run (rerun part 2 only)")
     args = parser.parse_args()
     if args.from_json:
         report = json.loads(args.from_json.read_text())
@@ -111,7 +112,9 @@ def main() -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": torch.get_num_threads(),
                   "versions": versions(), "rounds": args.rounds,
-                  "one_row": bench_spec(SPEC, rounds=args.rounds), "ragged_batch": ragged_batch(args.rounds)}
+                  "one_row": (json.loads(args.one_row_from.read_text())["one_row"] if args.one_row_from
+                              else bench_spec(SPEC, rounds=args.rounds)),
+                  "ragged_batch": ragged_batch(args.rounds)}
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
     print_tables(report)

@@ -53,8 +53,7 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         b.candidates = candidates
         _produce_signals(b, info)
         if stage.ragged and stage.keep_spec == ("count", 0):
-            live = carried.get((stage.domain, "ragged_live"))
-            index, source = b.add("select", _OPS.drop_candidates_rows.default, (candidates, live)), None
+            index, source = b.add("select", _OPS.drop_candidates_rows.default, (candidates, b.valid)), None
         elif not stage.ragged and b.sizes[1] == 0:  # every candidate goes: no score needed
             index, source = b.add("select", _OPS.drop_candidates.default, (candidates, b.sizes[0])), None
         else:
@@ -62,7 +61,7 @@ def insert_prune_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             index, source = selection.index, selection.source
         record.index = index
         if stage.ragged:  # rows keep different counts: which entries are real (propagate_tokens masks the rest)
-            record.kept_valid = carried[(stage.domain, "ragged_live")] = b.add("select", _OPS.kept_rows.default, (index,))
+            record.kept_valid = b.add("select", _OPS.kept_rows.default, (index,))
         record.gathered = b.add("gather", _OPS.gather_tokens.default, (source or record.site_value, index, [1]),
                                 meta_from=record.site_value)
         record.kept_len = b.add("kept_len", torch.ops.aten.sym_size.int, (record.gathered, 1))

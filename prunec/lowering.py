@@ -124,11 +124,12 @@ class StageBuilder:
         return self.sizes[0]
 
     def row_budget(self) -> tuple[fx.Node | None, fx.Node, str]:
-        """A ragged selection's (live tokens or None, [B] counts its ratio reads, budget JSON): the
-        tokens an earlier ragged stage kept, and the input's or this stage's candidates per row."""
-        from .ragged import RowBudget, row_counts_node
+        """A ragged selection's (live tokens, [B] counts its ratio reads, budget JSON): the real tokens
+        (padding and an earlier ragged stage's repeats are not: a row keeps its own tokens only),
+        and the input's or this stage's candidates per row."""
+        from .ragged import RowBudget
 
-        live = self.carried.get((self.stage.domain, "ragged_live"))
+        live = self.valid
         if self.stage.keep_of == "stage":
             reference = self.add("select", torch.ops.aten.sum.dim_IntList, (self.candidates, [1]))
         else:

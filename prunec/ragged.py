@@ -7,7 +7,8 @@ to `min`/`max`, never above what reaches the stage; a count stays a count (cappe
 
 Rows then keep different numbers of tokens. A ragged selection returns [B, K] keep indices with K the
 longest row's kept length (a size torch.export treats as data-dependent); a shorter row starts with
-repeats of its first kept index, as left padding would. `kept_rows` tells real entries from the
+repeats of its first kept index, as left padding would; the inputs' own padding is dropped, so K
+is the longest row's own kept count. `kept_rows` tells real entries from the
 repeats, and `propagate_tokens` masks the repeats out of every attention mask as keys (and out of
 the attention_mask input and the candidate masks), so they act as left padding does: each real token
 sees exactly the keys it sees with the row run alone, its positions shift by a constant at most
@@ -91,9 +92,10 @@ class RowBudget:
 
 def ragged_keep(candidates: torch.Tensor, live: Optional[torch.Tensor],
                 choose: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """[B, K] keep indices: per row, its live non-candidates plus the candidates `choose(row,
-    positions)` picks (local indices into that row's candidate `positions`), sorted; a shorter row
-    starts with repeats of its first index, up to the longest row's K."""
+    """[B, K] keep indices: per row, its live non-candidates (not padding, not an earlier stage's
+    repeats) plus the candidates `choose(row, positions)` picks (local indices into that row's
+    candidate `positions`), sorted; a shorter row starts with repeats of its first index, up to the
+    longest row's K, so K is the longest row's own kept count."""
     rows = []
     for b in range(candidates.shape[0]):
         positions = candidates[b].nonzero()[:, 0]

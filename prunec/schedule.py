@@ -95,6 +95,8 @@ def min_tokens(plan) -> int:
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for stage in plan.stages:
+        if stage.ragged:  # drops follow each row's own count, and a row keeps its text (>= 2 tokens)
+            continue
         first.setdefault(stage.domain, stage.n_candidates)
         last[stage.domain] = stage.n_keep
     return max([2] + [first[d] - last[d] + 2 for d in first])

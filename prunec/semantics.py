@@ -341,7 +341,7 @@ class _ImageLayout:
         return replace(self, per_image=None, query=None)
 
 
-def _check_images(spec: Spec, info, layout: _ImageLayout, layer: int | None, ptr: str) -> None:
+def _check_images(spec: Spec, info, layout: _ImageLayout, layer: int | None, ptr: str, ragged: bool) -> None:
     """A stage over several images per row gets what its method needs of them."""
     if info.scope and layout.count < 2:
         raise SpecError(f"method {info.name} prunes the {info.scope} image tokens of a multi-image row; set "
@@ -353,6 +353,8 @@ def _check_images(spec: Spec, info, layout: _ImageLayout, layer: int | None, ptr
         raise SpecError(f"method {info.name} selects within each image, and an earlier stage left the images "
                         "with different token counts", spec.locate(f"{ptr}/method"))
     vision_signals = {"cls_attention", "layer_attention"} & set(info.signals)
+    if ragged and vision_signals == {"cls_attention"}:
+        return  # its [CLS] rows are placed on each row's image tokens in order (`Adapter.patch_scores`)
     if layout.count > 1 and layer is None and vision_signals:
         raise SpecError(f"method {info.name} reads the vision tower per image, which prunec supports with one "
                         f"image per row (inputs.images is {layout.count})", spec.locate(f"{ptr}/method"))
@@ -393,7 +395,8 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             original = adapter.initial_candidates_from_config(inputs, protect)
             available = kept.get(domain, (original, protect))[0]
             layout = images.get(domain, _ImageLayout.initial(original, inputs.get("images", 1)))
-            _check_images(spec, info, layout, layer, ptr)
+            ragged = adapter.candidates_vary(inputs) and domain in adapter.image_domains
+            _check_images(spec, info, layout, layer, ptr, ragged)
             _check_produced(spec, info, params, domain, stages, ptr)
             out_of_scope = layout.out_of_scope(info.scope, available)
             rounding = raw.get("rounding") or method_rounding(info.name, params)
@@ -418,9 +421,8 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
                 raise SpecError("a merge keeps at least one token; use a prune method with `count: 0`",
                                 spec.locate(f"{ptr}/keep/{kind}"))
             _check_method_budget(spec, ptr, kind, info, params, adapter, protect, available, n_keep)
-            ragged = adapter.candidates_vary(inputs) and domain in adapter.image_domains
             clamps = (raw["keep"].get("min", 0), raw["keep"].get("max", -1))
-            _check_ragged(spec, info, ragged, clamps, raw["keep"], ptr)
+            _check_ragged(spec, info, ragged, clamps, raw["keep"], ptr, layer, positions)
             _check_attention_before_cut(spec, info, params, layer, cut_after.get(domain), ptr)
             key = (_DOMAIN_ORDER.get(domain, 1), rank)
             if previous and key <= previous[0]:
@@ -436,7 +438,8 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
     return tuple(stages)
 
 
-def _check_ragged(spec: Spec, info, ragged: bool, clamps: tuple[int, int], keep: dict, ptr: str) -> None:
+def _check_ragged(spec: Spec, info, ragged: bool, clamps: tuple[int, int], keep: dict, ptr: str,
+                  layer: int | None, positions: str) -> None:
     """Run-time budgets: clamps need them; per-image and image-scoped methods need one count per image."""
     if not ragged:
         if "min" in keep or "max" in keep:
@@ -446,6 +449,11 @@ def _check_ragged(spec: Spec, info, ragged: bool, clamps: tuple[int, int], keep:
         return
     if clamps[1] >= 0 and clamps[0] > clamps[1]:
         raise SpecError(f"keep.min ({clamps[0]}) is above keep.max ({clamps[1]})", spec.locate(f"{ptr}/keep/min"))
+    if layer is not None and positions == "renumber" and "decode" in spec.data:
+        raise SpecError("positions: renumber at a layer site with ragged rows and decode: is not implemented yet "
+                        "(each row's positions would shift by a different amount before and after the cut, and the "
+                        "decode step gives one position to all layers); use keep_original, or build without decode",
+                        spec.locate(f"{ptr}/positions"))
     if not info.row_budgets:
         raise SpecError(f"method {info.name} resolves its budget at build time, for one candidate count; "
                         "here rows hold different counts (image sizes or inputs.images_per_row; methods with "

@@ -107,7 +107,7 @@ def assert_close_on_real_tokens(actual, expected, pads, atol=1e-5):
 # their number of tests unless told not to, which put the few-but-slow zoo tests last:
 # the test command passes `--no-loadscope-reorder`, so this order is the order files are handed out.
 _LONGEST_FIRST = ("test_methods.py", "test_zoo.py", "test_zoo_vlm.py", "test_generation.py", "test_equivalence.py",
-                  "test_kernels.py")
+                  "test_llava_next.py", "test_ragged.py", "test_kernels.py")
 
 
 # -- the offline zoo: optional packages, and a private cache per test module ------------------------
