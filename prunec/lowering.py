@@ -108,11 +108,9 @@ class StageBuilder:
     # -- budgets ---------------------------------------------------------------------------------
     @property
     def sizes(self) -> tuple[int, int]:
-        """(candidates, kept) per row, fixed at build time; a stage with run-time budgets has none."""
-        if self.stage.ragged:
-            raise BuildError(f"site {self.stage.site}: method {self.stage.method} needs one candidate count for "
-                             "every row, fixed at build time; with inputs.images_per_row the count varies per row "
-                             "(methods with run-time budgets: `prunec methods`)")
+        """(candidates, kept) per row the selection works on (an image scope narrows them), fixed at
+        build time; a stage with run-time budgets has none."""
+        self._fixed_counts()
         return self._sizes
 
     @sizes.setter
@@ -121,7 +119,14 @@ class StageBuilder:
 
     @property
     def n_candidates(self) -> int:
-        return self.sizes[0]
+        """The stage's candidates per row (every image token of its domain), fixed at build time."""
+        self._fixed_counts()
+        return self.stage.n_candidates
+
+    def _fixed_counts(self) -> None:
+        if self.stage.ragged:  # semantics refuses such specs first; this guards the lowerings
+            raise BuildError(f"site {self.stage.site}: method {self.stage.method} needs one candidate count for "
+                             "every row, fixed at build time, and here rows hold different counts")
 
     def row_budget(self) -> tuple[fx.Node | None, fx.Node, str]:
         """A ragged selection's (live tokens, [B] counts its ratio reads, budget JSON): the real tokens
