@@ -60,6 +60,16 @@ def kept_by_formula(ratio: float, n: int, rounding: str, low: int, high: int | N
     return min(count, high if high is not None else n, n)
 
 
+def reference_for(stages, n: int) -> tuple[int, list[dict]]:
+    """(candidates the last stage leaves of a row's n, HookReference stages with each stage's kept
+    count computed from the formula)."""
+    kept, out = n, []
+    for kind, layer, positions, ratio, rounding, low, high in stages:
+        kept = min(kept, kept_by_formula(ratio, n, rounding, low, high))
+        out.append(dict(kind=kind, n_keep=kept, layer=layer, positions=positions, **reference_params(kind, {})))
+    return kept, out
+
+
 def ragged_batch(config, images_per_row=IMAGES_PER_ROW, pads=PADS, seed=0):
     """Rows of different image counts and text lengths, left-padded to one length; plus each row alone."""
     gen = torch.Generator().manual_seed(seed)
@@ -96,11 +106,7 @@ def test_ragged_rows_equal_each_row_alone_and_the_hook_reference(build, name):
         together = module(*batch)
     for b, (ids, pixels) in enumerate(rows):
         n = int((ids == hf.config.image_token_id).sum())
-        kept, reference_stages = n, []
-        for kind, layer, positions, ratio, rounding, low, high in stages:
-            kept = min(kept, kept_by_formula(ratio, n, rounding, low, high))
-            reference_stages.append(dict(kind=kind, n_keep=kept, layer=layer, positions=positions,
-                                         **reference_params(kind, {})))
+        kept, reference_stages = reference_for(stages, n)
         mask = torch.ones_like(ids)[None]
         with torch.no_grad():
             alone = module(ids[None], mask, pixels)
@@ -200,11 +206,7 @@ def test_generation_with_ragged_pruned_caches_equals_each_row_decoded_alone_by_t
                                                     return_logits=True)
     for b, (ids, pixels) in enumerate(rows):
         n = int((ids == hf.config.image_token_id).sum())
-        kept, reference_stages = n, []
-        for kind, layer, positions, ratio, rounding, low, high in stages:
-            kept = min(kept, kept_by_formula(ratio, n, rounding, low, high))
-            reference_stages.append(dict(kind=kind, n_keep=kept, layer=layer, positions=positions,
-                                         **reference_params(kind, {})))
+        kept, reference_stages = reference_for(stages, n)
         expected, logits = HookReference(hf, reference_stages).generate(ids[None], torch.ones_like(ids)[None], pixels,
                                                                        max_new_tokens=new_tokens)
         assert torch.equal(ours[b], expected[0]), b

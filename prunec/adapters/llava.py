@@ -33,6 +33,10 @@ class _Llava(torch.nn.Module):
         self.hf, self.logits_to_keep = model, int(last_logits)  # 0 = every position
 
     def forward(self, input_ids, attention_mask, pixel_values):
+        return self.logits(input_ids, attention_mask, self.crop_features(pixel_values).flatten(0, 1))
+
+    def crop_features(self, pixel_values):
+        """[images or crops, patches, D]: the projected vision features of each picture."""
         config, llava = self.hf.config, self.hf.model
         if not isinstance(config.vision_feature_layer, int):
             raise ValueError("prunec supports one vision_feature_layer (an int)")
@@ -40,8 +44,11 @@ class _Llava(torch.nn.Module):
         features = vision.hidden_states[config.vision_feature_layer]
         if config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
-        projected = llava.multi_modal_projector(features)
-        image = BaseModelOutputWithPooling(pooler_output=(projected.flatten(0, 1),))
+        return llava.multi_modal_projector(features)
+
+    def logits(self, input_ids, attention_mask, image_tokens):
+        """HF's forward with the image tokens' features given as one tensor."""
+        image = BaseModelOutputWithPooling(pooler_output=(image_tokens,))
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs={"image": image},
                        use_cache=False, logits_to_keep=self.logits_to_keep).logits
 

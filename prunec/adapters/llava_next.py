@@ -20,38 +20,24 @@ from __future__ import annotations
 import torch
 from torch import fx
 from torch.export import Dim
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..anyres import anyres_layout
 from ..errors import PrunecError
 from . import register_adapter
 from .base import ExampleShape, batch_dim, last_logits, random_token_ids, token_rules
-from .llava import LlavaAdapter
+from .llava import LlavaAdapter, _Llava
 
 _LAYOUT = "image_layout"
 
 
-class _LlavaNext(torch.nn.Module):
+class _LlavaNext(_Llava):
     """Vision tower and projector over every crop, then the packed image tokens by `image_layout`."""
 
-    def __init__(self, model, last_logits: bool):
-        super().__init__()
-        self.hf, self.logits_to_keep = model, int(last_logits)
-
     def forward(self, input_ids, attention_mask, pixel_values, image_layout):
-        config, llava = self.hf.config, self.hf.model
-        if not isinstance(config.vision_feature_layer, int):
-            raise ValueError("prunec supports one vision_feature_layer (an int)")
-        vision = llava.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-        features = vision.hidden_states[config.vision_feature_layer]
-        if config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]
-        flat = llava.multi_modal_projector(features).flatten(0, 1)
-        rows = torch.cat([flat, llava.image_newline[None].to(flat.dtype)])
+        flat = self.crop_features(pixel_values).flatten(0, 1)
+        rows = torch.cat([flat, self.hf.model.image_newline[None].to(flat.dtype)])
         packed = rows[torch.where(image_layout < 0, rows.shape[0] - 1, image_layout)]
-        image = BaseModelOutputWithPooling(pooler_output=(packed,))
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs={"image": image},
-                       use_cache=False, logits_to_keep=self.logits_to_keep).logits
+        return self.logits(input_ids, attention_mask, packed)
 
 
 @register_adapter
