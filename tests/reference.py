@@ -75,6 +75,12 @@ def fuse_rows(term_rows: list[list[float]], weights: list[float], fusion: str, n
     return fused
 
 
+def slow_random(n: int, n_keep: int, seed: int) -> list[int]:
+    """The first n_keep of `randperm(n)` from a generator seeded with `seed`, sorted (LightCompress's
+    random.py draws `randperm(n)[:k]` and sorts it)."""
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_keep].tolist())
+
+
 def slow_topk(scores: list[float], n_keep: int) -> list[int]:
     """Indices of the n_keep largest scores, ties to the lower index, returned sorted."""
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
@@ -605,6 +611,8 @@ class HookReference:
                     local = kept
                 elif stage["kind"] == "divprune":
                     local = slow_divprune(embeds[b, cands], stage["n_keep"])
+                elif stage["kind"] == "random":
+                    local = slow_random(len(cands), stage["n_keep"], stage["seed"])
                 elif stage["kind"] == "catp":  # per image; its paired text: the tokens up to the next image
                     per, local = state["per_image"], []
                     for m in range(state["images"]):
@@ -745,6 +753,12 @@ class HookReference:
                         cut(stage, rows)
                     if stage["kind"] == "fastv" and stage["layer"] == index - 1:
                         cut(stage)
+                    if stage["kind"] == "random" and stage["layer"] == index - 1:
+                        hidden = args[0] if args else kwargs["hidden_states"]
+                        rows = torch.zeros(hidden.shape[:2], dtype=torch.float64)
+                        for b, cands in enumerate(state["cands"]):
+                            rows[b, [cands[i] for i in slow_random(len(cands), stage["n_keep"], stage["seed"])]] = 1.0
+                        cut(stage, rows)
                     if stage["kind"] == "sparsevlm_recycle" and stage["layer"] == index - 1:
                         recycle(stage, site_rows(stage), args[0] if args else kwargs["hidden_states"])
                     elif stage["kind"] in SITE_KINDS and stage["layer"] == index - 1:

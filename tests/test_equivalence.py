@@ -182,6 +182,15 @@ LLAVA_SPECS = {
         pipeline:
           - {site: projector.output, method: divprune, keep: {ratio: 0.375}}
     """,
+    "random-in-llm+fastv": """
+        prunec: 1
+        name: random-in-llm-test
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 30}
+        pipeline:
+          - {site: "llm.layers[0]", method: random, params: {seed: 11}, keep: {count: 10}, positions: keep_original}
+          - {site: "llm.layers[2]", method: fastv, keep: {count: 4}}
+    """,
     "divprune+fastv x2": """
         prunec: 1
         name: combined-test

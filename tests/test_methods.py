@@ -870,3 +870,50 @@ def test_vflowopt_patch_entropy_matches_its_description():
         torch.testing.assert_close(entropy[b].double(), torch.tensor(slow_patch_entropy(pixels[b], 4),
                                                                      dtype=torch.float64), atol=1e-5, rtol=0)
     assert float(entropy[1, 0]) < 1e-6 < float(entropy[0].min())
+
+
+# -- random: reproducible from its seed -----------------------------------------------------------
+
+
+def test_random_scores_top_k_is_the_seeded_permutations_first_k():
+    from prunec.methods.random_baseline import random_scores
+    from reference import slow_random
+
+    candidates = _candidates(3, 20, [(2, 14), (0, 20), (5, 9)])
+    scores = random_scores(candidates, 1234)
+    for b in range(3):
+        positions = candidates[b].nonzero()[:, 0].tolist()
+        n = len(positions)
+        for k in range(1, n + 1):
+            top = slow_topk([float(scores[b, p]) for p in positions], k)
+            assert top == slow_random(n, k, 1234)
+    assert scores[~candidates].abs().sum() == 0
+
+
+def test_random_selection_is_the_same_across_runs_and_builds_and_changes_with_the_seed(tmp_path):
+    """Two builds of one spec, each run twice, give identical outputs; the lock records the seed;
+    another seed selects other tokens. A row keeps what it keeps alone."""
+    spec = """prunec: 1
+name: random-seed-{seed}
+model: {{builtin: tiny-llava}}
+inputs: {{batch: 2, seq_len: 30}}
+pipeline:
+  - {{site: projector.output, method: random, params: {{seed: {seed}}}, keep: {{ratio: 0.25}}}}
+"""
+    outputs = {}
+    for name, seed in [("a", 5), ("a-again", 5), ("b", 6)]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(spec.format(seed=seed))
+        artifact = prunec.build(path, tmp_path / name)
+        assert f"seed: {seed}" in (artifact / "spec.lock.yaml").read_text()
+        module = prunec.load(artifact)
+        ids, mask, pixels = llava_inputs(_hf(prunec.plan(path)).config, [0, 3, 1], seq_len=30,
+                                         seed=2)
+        with torch.no_grad():
+            first, second = module(ids, mask, pixels), module(ids, mask, pixels)
+            alone = module(ids[1:2, 3:], mask[1:2, 3:], pixels[1:2])
+        assert torch.equal(first, second)
+        torch.testing.assert_close(first[1:2, 3:], alone, atol=1e-5, rtol=0)
+        outputs[name] = first
+    assert torch.equal(outputs["a"], outputs["a-again"])
+    assert not torch.allclose(outputs["a"], outputs["b"], atol=1e-3)

@@ -50,6 +50,9 @@ CASES = {
                        " {site: 'llm.layers[1]', method: fastv, keep: {ratio: 0.2}}]", "all",
                        [("divprune", None, "renumber", 0.5, "half_even", 0, None),
                         ("fastv", 1, "keep_original", 0.2, "half_even", 0, None)]),  # 0.2 of the input's
+    # each row draws its own permutation of its own candidates from the one seed
+    "random-in-llm": ("[{site: 'llm.layers[0]', method: random, params: {seed: 9}, keep: {ratio: 0.3}}]", "all",
+                      [("random", 0, "renumber", 0.3, "half_even", 0, None, {"seed": 9})]),
 }
 
 
@@ -64,9 +67,10 @@ def reference_for(stages, n: int) -> tuple[int, list[dict]]:
     """(candidates the last stage leaves of a row's n, HookReference stages with each stage's kept
     count computed from the formula)."""
     kept, out = n, []
-    for kind, layer, positions, ratio, rounding, low, high in stages:
+    for kind, layer, positions, ratio, rounding, low, high, *written in stages:
         kept = min(kept, kept_by_formula(ratio, n, rounding, low, high))
-        out.append(dict(kind=kind, n_keep=kept, layer=layer, positions=positions, **reference_params(kind, {})))
+        out.append(dict(kind=kind, n_keep=kept, layer=layer, positions=positions,
+                        **reference_params(kind, written[0] if written else {})))
     return kept, out
 
 

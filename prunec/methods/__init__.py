@@ -186,5 +186,5 @@ def stage_signals(method: str, params: dict[str, Any]) -> set[str]:
 
 
 from . import (a2sf, aim, aim_merge, catp, divprune, fastervlm, fastv, flowcut, fopru, fuse,  # noqa: E402,F401
-               hiprune, holov, lazyllm, pyramiddrop, recoverable, sparsevlm, spatten, todre, tome, transprune,
-               vflowopt, visionzip, vtc_cls, zero_tprune)  # registration
+               hiprune, holov, lazyllm, pyramiddrop, random_baseline, recoverable, sparsevlm, spatten, todre, tome,
+               transprune, vflowopt, visionzip, vtc_cls, zero_tprune)  # registration
