@@ -1,7 +1,10 @@
 """Human-readable summaries of a plan: the stage table of `prunec explain` and `prunec build`."""
 from __future__ import annotations
 
+import inspect
+
 from .flops import estimate, layer_tokens, segments
+from .methods import get_method
 from .ragged import RowBudget
 from .schedule import stage_tokens
 from .spec import Plan
@@ -36,6 +39,11 @@ def stage_table(plan: Plan) -> str:
         layers.append([s.domain, f"{s.first_layer}-{s.last_layer}", str(s.tokens), f"{share:6.1%}"])
     text.append(_table(layers))
     text.append(flow_chart(plan))
+    for s in plan.stages:
+        rule = get_method(s.method).kept_count
+        if rule is not None:
+            text.append(f"{s.site} {s.method}: a budget of {s.keep_spec[0]} {s.keep_spec[1]:g} keeps {s.n_keep} "
+                        f"candidates, as the official code counts: {inspect.getdoc(rule).splitlines()[0]}")
     ragged = [s for s in plan.stages if s.ragged]
     if ragged:
         bounds = inputs.get("images_per_row")

@@ -60,8 +60,10 @@ class StageBuilder:
         node.meta[CAPTURED] = row_value(self.record.site_value, dtype)
         return node
 
-    def copy_chain(self, root: fx.Node, span: list[fx.Node], last_token: bool = False) -> fx.Node:
-        """Copy `root` and its ancestors inside `span` (a layer's nodes) to the insertion point.
+    def copy_chain(self, root: fx.Node, span: list[fx.Node], last_token: bool = False,
+                   replace: dict[fx.Node, fx.Node] | None = None) -> fx.Node:
+        """Copy `root` and its ancestors inside `span` (a layer's nodes) to the insertion point;
+        `replace` maps outside inputs to the nodes the copy reads instead (e.g. the site's hidden states).
 
         With `last_token`, the copy runs on the last token only: every outside tensor with token axes
         is sliced to its last entry there and the sequence-length SymInt becomes 1. That is exact for
@@ -75,7 +77,7 @@ class StageBuilder:
             if node in inside and node not in needed:
                 needed.add(node)
                 stack.extend(node.all_input_nodes)
-        env: dict = {}
+        env: dict = dict(replace or {})
         for node in span:  # graph order
             if node not in needed:
                 continue

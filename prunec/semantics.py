@@ -402,7 +402,10 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             rounding = raw.get("rounding") or method_rounding(info.name, params)
             of = raw["keep"].get("of", "input")
             base = available - out_of_scope if of == "stage" else layout.scope_original(info.scope, original)
-            n_keep = resolve_count(kind, value, base, rounding) + out_of_scope
+            if info.kept_count is not None:  # the count the official code realises for this budget
+                n_keep = info.kept_count(params, value if kind == "count" else value * base) + out_of_scope
+            else:
+                n_keep = resolve_count(kind, value, base, rounding) + out_of_scope
             if n_keep > available:
                 reach = available - out_of_scope
                 fits = (f"count: {reach}" if kind == "count" else

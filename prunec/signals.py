@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from .errors import BuildError
+from .graph_meta import captured
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,26 @@ def attention_of(node: fx.Node | None, what: str, site: str) -> Attention:
 @provider("hidden", "the residual stream at the site, [B, S, D]", tensor=True)
 def _hidden(b, method):
     return b.record.site_value
+
+
+@provider("final_norm_hidden", "the site's hidden states through the domain's final norm (the norm after its "
+          "last layer), [B, S, D]", tensor=True)
+def _final_norm_hidden(b, method):
+    from .adapters.base import module_paths
+
+    path = b.ctx.adapter.domains()[b.stage.domain].norm_path
+    span = [n for n in b.graph.nodes if path is not None and path in module_paths(n)]
+    if not span:
+        raise BuildError(f"site {b.stage.site}: the method reads the hidden states through the final norm, and "
+                         f"the captured graph has no final norm for domain {b.stage.domain}")
+    inside = set(span)
+    outputs = [n for n in span if any(u not in inside for u in n.users)]
+    inputs = {a for n in span for a in n.all_input_nodes if a not in inside and captured(a) is not None
+              and getattr(captured(a), "ndim", 0) == 3}
+    if len(outputs) != 1 or len(inputs) != 1:
+        raise BuildError(f"site {b.stage.site}: expected the final norm {path} to read and write one [B, S, D] "
+                         f"value, found {len(inputs)} and {len(outputs)}")
+    return b.copy_chain(outputs[0], span, replace={inputs.pop(): b.record.site_value})
 
 
 @provider("attention_qk", "the site layer's own post-RoPE q/k/mask (its sdpa call)")

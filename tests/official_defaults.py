@@ -27,6 +27,11 @@ OFFICIAL_DEFAULTS = {
         # METHODS.md §1.17(d) L533: "λ₁ = 0.7, λ₂ = 0.6."  (λ₂ weights cos(h_c, v̄_q) in S_ctx, §1.17(b))
         "similarity": 0.6,
     },
+    "dart": {
+        # METHODS-2.md §2(d) L112: "Common: `K = 2` (`--pruned_layer 2`), `p_img = p_txt = 4`, ..."
+        "pivots_image": 4,
+        "pivots_text": 4,
+    },
     "fastv": {
         # METHODS.md §2.1(b) L588: "Takes the row of the last token only." (official code);
         # L590: "the paper's rule and the shipped rule differ: all queries vs last query."

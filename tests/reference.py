@@ -81,6 +81,27 @@ def slow_random(n: int, n_keep: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_keep].tolist())
 
 
+def slow_dart(key_l1: list[float], normed: torch.Tensor, image: list[int], query: list[int], pivots_image: int,
+              pivots_text: int, per_pivot: int) -> list[int]:
+    """DART from METHODS-2.md §2c: pivots = the largest key L1 norms among the image tokens and among the
+    tokens after it; for each pivot in the order of the Python set built from (image pivots + text
+    pivots), the `per_pivot` pool tokens with the largest -cos to it join the kept set and leave the
+    pool; kept = image pivots + picks. Positions are counted from the row's first real token."""
+    def cos(a: int, b: int) -> float:
+        x, y = normed[a].double(), normed[b].double()
+        return float(x @ y) / max(float(x.norm()) * float(y.norm()), 1e-8)
+
+    image_pivots = sorted(image, key=lambda p: (-key_l1[p], p))[:pivots_image]
+    text_pivots = sorted(query, key=lambda p: (-key_l1[p], p))[:pivots_text]
+    kept = set(image_pivots + text_pivots)
+    pool = set(image) - set(image_pivots)
+    for pivot in list(kept):
+        ranked = sorted(pool, key=lambda p: cos(pivot, p))  # least similar first
+        kept.update(ranked[:per_pivot])
+        pool.difference_update(ranked[:per_pivot])
+    return sorted(kept - set(text_pivots))
+
+
 def slow_topk(scores: list[float], n_keep: int) -> list[int]:
     """Indices of the n_keep largest scores, ties to the lower index, returned sorted."""
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
@@ -753,6 +774,8 @@ class HookReference:
                         cut(stage, rows)
                     if stage["kind"] == "fastv" and stage["layer"] == index - 1:
                         cut(stage)
+                    if stage["kind"] == "dart" and stage["layer"] == index - 1:
+                        dart(stage, args[0] if args else kwargs["hidden_states"])
                     if stage["kind"] == "random" and stage["layer"] == index - 1:
                         hidden = args[0] if args else kwargs["hidden_states"]
                         rows = torch.zeros(hidden.shape[:2], dtype=torch.float64)
@@ -787,8 +810,33 @@ class HookReference:
                     kwargs["position_embeddings"] = (_gather_rows(cos, pos, 1), _gather_rows(sin, pos, 1))
                     kwargs["position_ids"] = None
                 self.layer_masks[index] = kwargs["attention_mask"]
+                if any(s["kind"] == "dart" and s["layer"] == index for s in self.stages):
+                    cos, sin = kwargs["position_embeddings"]
+                    state["dart_input"] = (args[0] if args else kwargs["hidden_states"], cos, sin)
                 return args, kwargs
             return hook
+
+        def dart(stage, hidden):
+            """DART before layer K: layer K-1's post-RoPE keys recomputed from its input, the hidden
+            states through the final norm."""
+            layer_input, cos, sin = state["dart_input"]
+            layer = lm.layers[stage["layer"]]
+            x = layer.input_layernorm(layer_input)
+            k = layer.self_attn.k_proj(x).view(*x.shape[:2], -1, layer.self_attn.head_dim).transpose(1, 2)
+            k = _rotate(k, cos[:, None], sin[:, None])
+            key_l1 = k.double().abs().sum(dim=(1, 3))  # [B, S]
+            normed = lm.norm(hidden)
+            pivots = stage["pivots_image"] + stage["pivots_text"]
+            per_pivot = (stage["n_keep"] - stage["pivots_image"]) // pivots
+            rows = torch.zeros(hidden.shape[:2], dtype=torch.float64)
+            for b, cands in enumerate(state["cands"]):
+                first = valid_now(b, hidden.shape[1]).index(True)
+                image = [c - first for c in cands]
+                query = list(range(max(image) + 1, hidden.shape[1] - first))
+                kept = slow_dart(key_l1[b, first:].tolist(), normed[b, first:], image, query, stage["pivots_image"],
+                                 stage["pivots_text"], per_pivot)
+                rows[b, [p + first for p in kept]] = 1.0
+            cut(stage, rows)
 
         def current_view(kwargs):
             """The layer's 4-D mask and cos/sin, cut to the tokens the rows still hold."""

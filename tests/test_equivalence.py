@@ -191,6 +191,14 @@ LLAVA_SPECS = {
           - {site: "llm.layers[0]", method: random, params: {seed: 11}, keep: {count: 10}, positions: keep_original}
           - {site: "llm.layers[2]", method: fastv, keep: {count: 4}}
     """,
+    "dart": """
+        prunec: 1
+        name: dart-test
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 30}
+        pipeline:
+          - {site: "llm.layers[1]", method: dart, params: {pivots_image: 2, pivots_text: 3}, keep: {count: 11}}
+    """,
     "divprune+fastv x2": """
         prunec: 1
         name: combined-test

@@ -917,3 +917,78 @@ pipeline:
         outputs[name] = first
     assert torch.equal(outputs["a"], outputs["a-again"])
     assert not torch.allclose(outputs["a"], outputs["b"], atol=1e-3)
+
+
+# -- DART: pivots by key L1 norm, duplicates by final-norm cosine --------------------------------
+
+
+def test_dart_worked_example_of_methods_2():
+    """METHODS-2.md §2h: image 2..7, query 8, 9; one pivot of each; TOPK 2 -> kept 2, 3, 4, 5, 6."""
+    from prunec.methods.dart import dart_row
+
+    key_l1 = torch.tensor([0.0, 0.0, 4, 1, 2, 4.5, 0.3, 1, 4, 0.2])
+    hn = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1, 0], [0.95, 0.05], [0, 1], [0.7, 0.7], [-1, -0.2], [0.1, 1],
+                       [0, 1], [0.3, 0.3]])
+    assert dart_row(key_l1, hn, list(range(2, 8)), [8, 9], 1, 1, 2) == [2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dart_matches_its_description_at_llava_positions(seed):
+    """LLaVA-like rows (image from position 35, pivots 4 + 4): the pivots' positions collide in the
+    set's hash table, so the official iteration order is not sorted order; dart_row must follow it."""
+    from prunec.methods.dart import dart_row
+    from reference import slow_dart
+
+    gen = torch.Generator().manual_seed(seed)
+    image, query = list(range(35, 35 + 96)), list(range(131, 160))
+    key_l1 = torch.rand(160, generator=gen)
+    hidden = torch.randn(160, 6, generator=gen)
+    assert dart_row(key_l1, hidden, image, query, 4, 4, 5) == slow_dart(key_l1.tolist(), hidden, image, query,
+                                                                            4, 4, 5)
+
+
+def test_dart_counts_are_the_official_ones(tmp_path):
+    """Budgets 64/128/192 keep 68/132/196 of 576 image tokens (4 + 8 TOPK); ratio 0.2222 keeps
+    4 + 8 x floor(127.99 / 8) = 124 (the Qwen2.5-VL / LightCompress rule); explain says why."""
+    from prunec.explain import stage_table
+    from prunec.models import BUILTIN_CONFIGS
+
+    config = json.loads(json.dumps(BUILTIN_CONFIGS["tiny-llava"]))
+    config["vision_config"].update(image_size=96, patch_size=4)  # 24 x 24 = 576 patches
+    config["text_config"]["max_position_embeddings"] = 1024
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for budget, kept in [("count: 64", 68), ("count: 128", 132), ("count: 192", 196), ("ratio: 0.2222", 124)]:
+        spec = tmp_path / "dart.yaml"
+        spec.write_text("prunec: 1\nname: dart-counts\nmodel: {config: config.json}\n"
+                        "inputs: {batch: 1, seq_len: 620}\n"
+                        f"pipeline:\n  - {{site: 'llm.layers[1]', method: dart, keep: {{{budget}}}}}\n")
+        plan = prunec.plan(spec)
+        assert plan.stages[0].n_keep == kept
+        assert f"keeps {kept} candidates, as the official code counts" in stage_table(plan)
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 2, 5]], ids=["batch1", "batch3-left-padded"])
+def test_dart_matches_hook_reference_with_a_non_uniform_final_norm(tmp_path_factory, build, pads):
+    """A model whose final norm weights are not all 1 (else the norm cannot change a cosine): the
+    artifact equals the hook reference, which runs DART on the final-norm hidden states."""
+    weights = tmp_path_factory.getbasetemp() / "dart-weights"
+    if not weights.exists():
+        model = load_model({"builtin": "tiny-llava", "seed": 0}, weights.parent)
+        with torch.no_grad():
+            norm = model.model.language_model.norm.weight
+            norm.copy_(torch.rand(norm.shape, generator=torch.Generator().manual_seed(1)) * 2)
+        model.save_pretrained(weights)
+    plan, module, _ = build(f"""
+        prunec: 1
+        name: dart-norm
+        model: {{path: {weights}}}
+        inputs: {{batch: 2, seq_len: 30}}
+        pipeline:
+          - {{site: "llm.layers[1]", method: dart, params: {{pivots_image: 2, pivots_text: 2}}, keep: {{count: 8}}}}
+    """)
+    reference = HookReference(_hf(plan), reference_stages(plan))
+    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=30, seed=5 + len(pads))
+    with torch.no_grad():
+        actual = module(ids, mask, pixels)
+    assert plan.stages[0].n_keep == 10
+    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)

@@ -23,6 +23,7 @@ class Domain:
     layers_path: str          # module path of the layer ModuleList inside the wrapper, e.g. hf.model.layers
     num_layers: int
     rotary_path: str | None   # module whose outputs depend on positions (cos/sin), if any
+    norm_path: str | None = None  # the norm after the last layer (decoders), for signals that read it
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ class LlamaAdapter(TextAdapter):
     sub_blocks = LLAMA_SUB_BLOCKS
 
     def domains(self):
-        return {"llm": Domain("llm", "hf.model.layers", self.config.num_hidden_layers, "hf.model.rotary_emb")}
+        return {"llm": Domain("llm", "hf.model.layers", self.config.num_hidden_layers, "hf.model.rotary_emb",
+                              "hf.model.norm")}
 
     def layer_dims(self, domain):
         return self.config.hidden_size, self.config.intermediate_size, 3

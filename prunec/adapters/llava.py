@@ -68,7 +68,8 @@ class LlavaAdapter(Adapter):
 
     def domains(self):
         text = self.config.text_config
-        return {"llm": Domain("llm", f"{_LLM}.layers", text.num_hidden_layers, f"{_LLM}.rotary_emb")}
+        return {"llm": Domain("llm", f"{_LLM}.layers", text.num_hidden_layers, f"{_LLM}.rotary_emb",
+                              f"{_LLM}.norm")}
 
     def layer_dims(self, domain):
         text = self.config.text_config

@@ -73,6 +73,10 @@ class MethodInfo:
     produce: Callable[..., Any] | None = None  # (builder, signal) -> [B, S] node, carried with the tokens
     kernel: bool = False             # its scoring and selection run as Triton kernels on GPU
     rounding: str = "half_up"        # ratio -> count, as its official code does: half_up | half_even | floor
+    # (params, requested) -> the count its official code keeps for a budget of `requested` tokens (a
+    # count, or ratio x candidates unrounded), where that differs from the budget (DART keeps its pivots
+    # on top); its docstring's first line says the rule (`prunec explain`)
+    kept_count: Callable[[dict[str, Any], float], int] | None = None
     row_budgets: bool = False        # its lowering resolves budgets per row at run time (rows of different
                                      # candidate counts, `inputs.images_per_row`); tests/test_ragged.py checks it
     rounding_source: str = ""        # where that rule comes from
@@ -185,6 +189,6 @@ def stage_signals(method: str, params: dict[str, Any]) -> set[str]:
     return {s for name, _, _ in terms(method, params) for s in get_method(name).signals}
 
 
-from . import (a2sf, aim, aim_merge, catp, divprune, fastervlm, fastv, flowcut, fopru, fuse,  # noqa: E402,F401
-               hiprune, holov, lazyllm, pyramiddrop, random_baseline, recoverable, sparsevlm, spatten, todre, tome,
-               transprune, vflowopt, visionzip, vtc_cls, zero_tprune)  # registration
+from . import (a2sf, aim, aim_merge, catp, dart, divprune, fastervlm, fastv, flowcut, fopru,  # noqa: E402,F401
+               fuse, hiprune, holov, lazyllm, pyramiddrop, random_baseline, recoverable, sparsevlm, spatten, todre,
+               tome, transprune, vflowopt, visionzip, vtc_cls, zero_tprune)  # registration
