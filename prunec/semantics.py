@@ -79,11 +79,11 @@ def resolve(spec: Spec, model=None) -> Plan:
 
 
 def _check_method_budget(spec: Spec, ptr: str, kind: str, info, params: dict, adapter, protect, available: int,
-                         n_keep: int) -> None:
+                         n_keep: int, images: int) -> None:
     """A method's own budget rule (`MethodInfo.check_budget`), reported at the budget or the site."""
     if info.check_budget is None:
         return
-    problem = info.check_budget(params, available, n_keep, adapter, protect)
+    problem = info.check_budget(params, available, n_keep, adapter, protect, images)
     if problem:
         message, where = problem
         raise SpecError(message, spec.locate(f"{ptr}/keep/{kind}" if where == "keep" else f"{ptr}/site"))
@@ -116,7 +116,7 @@ def _fit_budget(spec: Spec, adapter, inputs: dict, stages: tuple[Stage, ...]) ->
     fitted = fit_layer_average(stages, target, average)
     for written, stage in zip(stages, fitted):
         _check_method_budget(spec, stage.pointer, written.keep_spec[0], get_method(stage.method), stage.param_dict,
-                             adapter, stage.protect, stage.n_candidates, stage.n_keep)
+                             adapter, stage.protect, stage.n_candidates, stage.n_keep, inputs.get("images", 1))
     return fitted
 
 
@@ -423,7 +423,8 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             if n_keep < 1 and info.action == "merge":
                 raise SpecError("a merge keeps at least one token; use a prune method with `count: 0`",
                                 spec.locate(f"{ptr}/keep/{kind}"))
-            _check_method_budget(spec, ptr, kind, info, params, adapter, protect, available, n_keep)
+            _check_method_budget(spec, ptr, kind, info, params, adapter, protect, available, n_keep,
+                                 inputs.get("images", 1))
             clamps = (raw["keep"].get("min", 0), raw["keep"].get("max", -1))
             _check_ragged(spec, info, ragged, clamps, raw["keep"], ptr, layer, positions)
             _check_attention_before_cut(spec, info, params, layer, cut_after.get(domain), ptr)

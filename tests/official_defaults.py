@@ -32,6 +32,10 @@ OFFICIAL_DEFAULTS = {
         "pivots_image": 4,
         "pivots_text": 4,
     },
+    "pool": {
+        # METHODS-2.md §4.2 L182: "`F.adaptive_avg_pool2d` (or `max`, env `POOLING_MODE`)"
+        "mode": "avg",
+    },
     "fastv": {
         # METHODS.md §2.1(b) L588: "Takes the row of the last token only." (official code);
         # L590: "the paper's rule and the shipped rule differ: all queries vs last query."

@@ -102,6 +102,24 @@ def slow_dart(key_l1: list[float], normed: torch.Tensor, image: list[int], query
     return sorted(kept - set(text_pivots))
 
 
+def slow_pool(features: torch.Tensor, rows: int, cols: int, mode: str) -> tuple[list[int], list[torch.Tensor]]:
+    """METHODS-2.md §4.2: n tokens as an h x w grid (h the largest divisor <= sqrt(n)); output cell
+    (i, j) pools input rows [floor(i h / rows), ceil((i + 1) h / rows)) and the same for columns, and
+    takes the slot of its bin's top-left token. Returns (slots, pooled values), row-major."""
+    n = features.shape[0]
+    h = max(d for d in range(1, int(n ** 0.5) + 1) if n % d == 0)
+    w = n // h
+    slots, values = [], []
+    for i in range(rows):
+        r0, r1 = (i * h) // rows, math.ceil((i + 1) * h / rows)
+        for j in range(cols):
+            c0, c1 = (j * w) // cols, math.ceil((j + 1) * w / cols)
+            cell = torch.stack([features[r * w + c].double() for r in range(r0, r1) for c in range(c0, c1)])
+            slots.append(r0 * w + c0)
+            values.append(cell.mean(dim=0) if mode == "avg" else cell.max(dim=0).values)
+    return slots, values
+
+
 def slow_topk(scores: list[float], n_keep: int) -> list[int]:
     """Indices of the n_keep largest scores, ties to the lower index, returned sorted."""
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
@@ -632,6 +650,16 @@ class HookReference:
                     local = kept
                 elif stage["kind"] == "divprune":
                     local = slow_divprune(embeds[b, cands], stage["n_keep"])
+                elif stage["kind"] == "pool":  # each image's grid, pooled values written at their slots
+                    per, share = state["per_image"], stage["n_keep"] // state["images"]
+                    rows, cols = stage.get("grid") or (math.isqrt(share), math.isqrt(share))
+                    embeds, local = embeds.clone(), []
+                    for m in range(state["images"]):
+                        group = cands[m * per:(m + 1) * per]
+                        slots, values = slow_pool(embeds[b, group], rows, cols, stage["mode"])
+                        for slot, value in zip(slots, values):
+                            embeds[b, group[slot]] = value.to(embeds.dtype)
+                        local += [m * per + slot for slot in slots]
                 elif stage["kind"] == "random":
                     local = slow_random(len(cands), stage["n_keep"], stage["seed"])
                 elif stage["kind"] == "catp":  # per image; its paired text: the tokens up to the next image

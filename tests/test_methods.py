@@ -992,3 +992,54 @@ def test_dart_matches_hook_reference_with_a_non_uniform_final_norm(tmp_path_fact
         actual = module(ids, mask, pixels)
     assert plan.stages[0].n_keep == 10
     assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
+
+
+# -- pool: each image's token grid, adaptive bins ----------------------------------------------------
+
+
+@pytest.mark.parametrize("n_keep,grid", [(25, (5, 5)), (64, (8, 8)), (144, (12, 12)), (128, (8, 16)),
+                                         (96, (8, 12))])
+def test_pool_matches_the_adaptive_bins_of_methods_2(n_keep, grid):
+    """24 x 24 tokens (LLaVA-1.5): the default grid is the square side, else the factor pair nearest
+    the image's aspect (128 -> 8 x 16, METHODS-2.md §4.2); values are the means over the bins
+    [floor(i h / o), ceil((i + 1) h / o)) (24 -> 5 overlaps: [0,5) [4,10) [9,15) [14,20) [19,24))."""
+    from prunec.methods.pool import output_grid, pool_grid
+    from reference import slow_pool
+
+    assert output_grid(n_keep, (24, 24)) == grid
+    features = torch.randn(2, 576, 6, generator=torch.Generator().manual_seed(n_keep))
+    for mode in ("avg", "max"):
+        slots, values = pool_grid(features, n_keep, mode=mode)
+        for b in range(2):
+            expected_slots, expected = slow_pool(features[b], *grid, mode)
+            assert slots[b].tolist() == expected_slots
+            torch.testing.assert_close(values[b].double(), torch.stack(expected), atol=1e-6, rtol=0)
+    assert slow_pool(torch.arange(576.0)[:, None], 5, 5, "avg")[0][:5] == [0, 4, 9, 14, 19]
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 2, 5]], ids=["batch1", "batch3-left-padded"])
+def test_pool_per_image_with_a_written_grid_matches_hook_reference(build, pads):
+    """Two images per row, each 4 x 4 grid max-pooled to 1 x 3 (overlapping column bins [0,2) [1,3) [2,4))."""
+    plan, module, _ = build("""
+        prunec: 1
+        name: pool-two-images
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 50, images: 2}
+        pipeline:
+          - {site: projector.output, method: pool, params: {grid: [1, 3], mode: max}, keep: {count: 6}}
+    """)
+    reference = HookReference(_hf(plan), reference_stages(plan))
+    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=50, seed=3 + len(pads), images=2)
+    with torch.no_grad():
+        actual = module(ids, mask, pixels)
+    assert actual.shape[1] == 50 - 32 + 6
+    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
+
+
+def test_pool_refuses_a_budget_no_grid_fits(tmp_path):
+    spec = tmp_path / "pool.yaml"
+    spec.write_text("prunec: 1\nname: pool-bad\nmodel: {builtin: tiny-llava}\ninputs: {batch: 1, seq_len: 40}\n"
+                    "pipeline:\n  - {site: projector.output, method: pool, keep: {count: 5}}\n")
+    with pytest.raises(prunec.errors.SpecError, match=r"pool\.yaml:6:58: error at /pipeline/0/keep/count: pool keeps 5 "
+                                                      r"tokens per image of a 4 x 4 grid"):
+        prunec.plan(spec)

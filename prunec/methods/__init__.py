@@ -67,7 +67,8 @@ class MethodInfo:
     # lowering: (builder, method, params) -> [B, S] score node; (builder) -> Selection (methods/lowerings.py)
     lower_scores: Callable[..., Any] | None = None
     lower_select: Callable[..., Any] | None = None
-    # (params, available, n_keep, adapter, protect) -> None, or (message, "keep" | "site") for a budget it cannot take
+    # (params, available, n_keep, adapter, protect, images per row) -> None, or (message, "keep" | "site") for a
+    # budget it cannot take
     check_budget: Callable[..., Any] | None = None
     produces: tuple[str, ...] = ()   # signals it computes for later stages that ask for them
     produce: Callable[..., Any] | None = None  # (builder, signal) -> [B, S] node, carried with the tokens
@@ -190,5 +191,5 @@ def stage_signals(method: str, params: dict[str, Any]) -> set[str]:
 
 
 from . import (a2sf, aim, aim_merge, catp, dart, divprune, fastervlm, fastv, flowcut, fopru,  # noqa: E402,F401
-               fuse, hiprune, holov, lazyllm, pyramiddrop, random_baseline, recoverable, sparsevlm, spatten, todre,
-               tome, transprune, vflowopt, visionzip, vtc_cls, zero_tprune)  # registration
+               fuse, hiprune, holov, lazyllm, pool, pyramiddrop, random_baseline, recoverable, sparsevlm, spatten,
+               todre, tome, transprune, vflowopt, visionzip, vtc_cls, zero_tprune)  # registration

@@ -94,7 +94,7 @@ def _lower_select(b) -> Selection:
                             *b.sizes, params["pivots_image"], params["pivots_text"])))
 
 
-def _check_budget(params, available, n_keep, adapter, protect):
+def _check_budget(params, available, n_keep, adapter, protect, images):
     pivots = params["pivots_image"] + params["pivots_text"]
     if n_keep < params["pivots_image"] or (n_keep - params["pivots_image"]) % pivots:
         return (f"DART keeps its {params['pivots_image']} image pivots plus {pivots} x TOPK tokens, so not "

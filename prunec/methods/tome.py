@@ -139,7 +139,8 @@ def _proportional_attention(b, size) -> None:
                 node.args = tuple(args)
 
 
-def _check_budget(params: dict, available: int, n_keep: int, adapter, protect) -> tuple[str, str] | None:
+def _check_budget(params: dict, available: int, n_keep: int, adapter, protect, images: int
+                  ) -> tuple[str, str] | None:
     """Bipartite matching merges only A tokens (even positions among the candidates, which follow the
     protected leading tokens), each into one B token: at most |A| per stage."""
     first = adapter.leading_tokens() if "cls" in protect else 0

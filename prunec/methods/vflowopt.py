@@ -160,7 +160,8 @@ def _carried_importance(b, method, params):
     return b.signal("vision_importance", method)
 
 
-def _check_budget(params: dict, available: int, n_keep: int, adapter, protect) -> tuple[str, str] | None:
+def _check_budget(params: dict, available: int, n_keep: int, adapter, protect, images: int
+                  ) -> tuple[str, str] | None:
     """Recycling into one carrier per grid cell: a square grid, and at least one token per cell."""
     side = math.isqrt(available)
     if side * side != available:
