@@ -120,6 +120,15 @@ def _final_norm_hidden(b, method):
     return b.copy_chain(outputs[0], span, replace={inputs.pop(): b.record.site_value})
 
 
+@provider("vision_features", "[images, patches, width]: the vision features the projector reads (pre-projector)",
+          tensor=True)
+def _vision_features(b, method):
+    try:
+        return b.ctx.adapter.projector_input(b.gm)
+    except ValueError as exc:
+        raise BuildError(f"site {b.stage.site}: the method reads the pre-projector vision features: {exc}") from None
+
+
 @provider("attention_qk", "the site layer's own post-RoPE q/k/mask (its sdpa call)")
 def _attention_qk(b, method):
     return attention_of(b.record.attention, "the layer's attention", b.stage.site)

@@ -36,6 +36,12 @@ OFFICIAL_DEFAULTS = {
         # METHODS-2.md §4.2 L182: "`F.adaptive_avg_pool2d` (or `max`, env `POOLING_MODE`)"
         "mode": "avg",
     },
+    "vispruner": {
+        # METHODS-2.md §3(d) L148: "`--important_ratio` default 0.5 (`model_vqa_loader.py`)."
+        "important_ratio": 0.5,
+        # METHODS-2.md §3(c) L138: "Duplicate removal by repeated bipartite matching, at most 8 tokens per round"
+        "per_round": 8,
+    },
     "fastv": {
         # METHODS.md §2.1(b) L588: "Takes the row of the last token only." (official code);
         # L590: "the paper's rule and the shipped rule differ: all queries vs last query."

@@ -120,6 +120,30 @@ def slow_pool(features: torch.Tensor, rows: int, cols: int, mode: str) -> tuple[
     return slots, values
 
 
+def slow_vispruner(cls: list[float], features: torch.Tensor, n_keep: int, important_ratio: float,
+                   per_round: int) -> list[int]:
+    """VisPruner from METHODS-2.md §3c: int(T r) important tokens by [CLS] attention; the rest, in
+    descending attention, lose the A tokens (even places) most similar to any B token (odd places),
+    at most `per_round` a round, survivors (by descending score) then B, until T - T_imp remain."""
+    def cos(i: int, j: int) -> float:
+        x, y = features[i].double(), features[j].double()
+        return float(x @ y) / max(float(x.norm()) * float(y.norm()), 1e-12)
+
+    n_important = int(n_keep * important_ratio)
+    n_diverse = n_keep - n_important
+    order = sorted(range(len(cls)), key=lambda j: (-cls[j], j))
+    important, rest = order[:n_important], order[n_important:]
+    while n_diverse > 0:
+        drop = min(per_round, len(rest) - n_diverse)
+        if drop <= 0:
+            break
+        a, b = rest[0::2], rest[1::2]
+        score = [max(cos(x, y) for y in b) for x in a]
+        ranked = sorted(range(len(a)), key=lambda k: (-score[k], k))
+        rest = [a[k] for k in ranked[drop:]] + b
+    return sorted(important + rest)
+
+
 def slow_topk(scores: list[float], n_keep: int) -> list[int]:
     """Indices of the n_keep largest scores, ties to the lower index, returned sorted."""
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
@@ -660,6 +684,9 @@ class HookReference:
                         for slot, value in zip(slots, values):
                             embeds[b, group[slot]] = value.to(embeds.dtype)
                         local += [m * per + slot for slot in slots]
+                elif stage["kind"] == "vispruner":  # one image per row: its [CLS] row and pre-projector states
+                    local = slow_vispruner(state["vision_cls"][b].tolist(), state["vision_states"][b], stage["n_keep"],
+                                           stage["important_ratio"], stage["per_round"])
                 elif stage["kind"] == "random":
                     local = slow_random(len(cands), stage["n_keep"], stage["seed"])
                 elif stage["kind"] == "catp":  # per image; its paired text: the tokens up to the next image
@@ -994,7 +1021,7 @@ class HookReference:
                                                         self.model.config.vision_config.image_size)
                               for size in image_sizes.tolist()]
                     crops = torch.cat([pixel_values[i, :n] for i, n in enumerate(counts)])
-                vision = self.model.model.vision_tower(crops, output_attentions=True)
+                vision = self.model.model.vision_tower(crops, output_attentions=True, output_hidden_states=True)
             finally:
                 for h in key_hooks:
                     h.remove()
@@ -1003,6 +1030,8 @@ class HookReference:
             lead = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
             state["vision"] = [a.double() for a in vision.attentions]  # per layer [B, H, S, S]
             state["feature"], state["lead"] = feature, lead
+            # what the projector reads: hidden_states[vision_feature_layer], patches only
+            state["vision_states"] = vision.hidden_states[self.model.config.vision_feature_layer][:, lead:]
             # per row: its images' [CLS] rows one after another (pixel_values holds a row's images in order)
             state["vision_cls"] = state["vision"][feature][:, :, 0].mean(dim=1)[:, lead:].reshape(input_ids.shape[0], -1)
             if image_sizes is not None:

@@ -1043,3 +1043,31 @@ def test_pool_refuses_a_budget_no_grid_fits(tmp_path):
     with pytest.raises(prunec.errors.SpecError, match=r"pool\.yaml:6:58: error at /pipeline/0/keep/count: pool keeps 5 "
                                                       r"tokens per image of a 4 x 4 grid"):
         prunec.plan(spec)
+
+
+# -- VisPruner: important by [CLS], diverse by dropping duplicates in rounds ----------------------------
+
+
+def test_vispruner_worked_example_of_methods_2():
+    """METHODS-2.md §3i (per-round cap 2): T 6, ratio 0.34 -> important [0, 2], rounds drop 7, 3 then
+    8, 5 -> kept [0, 1, 2, 4, 6, 9]."""
+    from prunec.methods.vispruner import important_diverse
+    from reference import slow_vispruner
+
+    cls = [0.30, 0.02, 0.20, 0.05, 0.04, 0.10, 0.03, 0.08, 0.12, 0.06]
+    angles = torch.tensor([0, 5, 90, 10, 180, 95, 270, 185, 45, 60], dtype=torch.float64) * math.pi / 180
+    features = torch.stack([angles.cos(), angles.sin()], dim=1)
+    assert important_diverse(torch.tensor(cls), features, 6, 0.34, 2).tolist() == [0, 1, 2, 4, 6, 9]
+    assert slow_vispruner(cls, features, 6, 0.34, 2) == [0, 1, 2, 4, 6, 9]
+
+
+@pytest.mark.parametrize("n,n_keep,ratio,per_round", [(144, 32, 0.5, 8), (144, 16, 0.75, 8), (100, 17, 0.5, 8),
+                                                      (49, 9, 0.3, 3), (30, 5, 0.0, 4)])
+def test_vispruner_matches_its_description(n, n_keep, ratio, per_round):
+    from prunec.methods.vispruner import important_diverse
+    from reference import slow_vispruner
+
+    gen = torch.Generator().manual_seed(n + n_keep)
+    cls, features = torch.rand(n, generator=gen), torch.randn(n, 5, generator=gen)
+    assert important_diverse(cls, features, n_keep, ratio, per_round).tolist() == \
+        slow_vispruner(cls.tolist(), features, n_keep, ratio, per_round)

@@ -171,6 +171,10 @@ class Adapter:
         per_row = -1 if b.stage.ragged else b.n_candidates  # -1: rows hold different counts
         return b.add("score", torch.ops.prunec.scatter_candidates.default, (patches, b.candidates, per_row))
 
+    def projector_input(self, gm: fx.GraphModule) -> fx.Node:
+        """VLMs: the vision features [images, patches, width] the projector reads."""
+        raise ValueError(f"family {self.family} has no vision projector")
+
     def check_candidates(self, gm: fx.GraphModule, expected: int) -> None:
         """Raise ValueError if the captured graph disagrees with the config-derived count."""
 

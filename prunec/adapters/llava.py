@@ -185,6 +185,16 @@ class LlavaAdapter(Adapter):
             raise ValueError(f"vision layer {layer} has no attention in the captured graph (layers 0..{n_layers - 1})")
         return sdpa[layer], int(self.config.vision_feature_select_strategy == "default")
 
+    def projector_input(self, gm):
+        """The [images, patches, vision width] features the projector reads (the selected feature layer)."""
+        span = [n for n in gm.graph.nodes if module_path(n).startswith(_PROJECTOR)]
+        inside = set(span)
+        inputs = {a for n in span for a in n.all_input_nodes if a not in inside
+                  and getattr(a.meta.get("val"), "ndim", 0) == 3 and a.meta["val"].is_floating_point()}
+        if len(inputs) != 1:
+            raise ValueError(f"expected one [images, patches, width] input to {_PROJECTOR}, found {len(inputs)}")
+        return inputs.pop()
+
     def check_candidates(self, gm, expected):
         projected = [n for n in gm.graph.nodes if module_path(n).startswith(_PROJECTOR)
                      and hasattr(n.meta.get("val"), "shape")]

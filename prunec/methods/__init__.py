@@ -192,4 +192,4 @@ def stage_signals(method: str, params: dict[str, Any]) -> set[str]:
 
 from . import (a2sf, aim, aim_merge, catp, dart, divprune, fastervlm, fastv, flowcut, fopru,  # noqa: E402,F401
                fuse, hiprune, holov, lazyllm, pool, pyramiddrop, random_baseline, recoverable, sparsevlm, spatten,
-               todre, tome, transprune, vflowopt, visionzip, vtc_cls, zero_tprune)  # registration
+               todre, tome, transprune, vflowopt, vispruner, visionzip, vtc_cls, zero_tprune)  # registration
