@@ -144,6 +144,21 @@ def slow_vispruner(cls: list[float], features: torch.Tensor, n_keep: int, import
     return sorted(important + rest)
 
 
+def slow_evs(features: torch.Tensor, frames: int, n_keep: int) -> list[int]:
+    """EVS from METHODS-2.md §5.1c: frame 0 scores 255; a token of frame t > 0 scores 1 - cos to the
+    token at its place in frame t - 1; the n_keep highest, ties to the earlier token (stable sort)."""
+    per = features.shape[0] // frames
+    change = []
+    for t in range(frames):
+        for j in range(per):
+            if t == 0:
+                change.append(255.0)
+                continue
+            x, y = features[t * per + j].double(), features[(t - 1) * per + j].double()
+            change.append(1 - float(x @ y) / max(float(x.norm()) * float(y.norm()), 1e-8))
+    return sorted(sorted(range(len(change)), key=lambda i: (-change[i], i))[:n_keep])
+
+
 def slow_topk(scores: list[float], n_keep: int) -> list[int]:
     """Indices of the n_keep largest scores, ties to the lower index, returned sorted."""
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
@@ -687,6 +702,8 @@ class HookReference:
                 elif stage["kind"] == "vispruner":  # one image per row: its [CLS] row and pre-projector states
                     local = slow_vispruner(state["vision_cls"][b].tolist(), state["vision_states"][b], stage["n_keep"],
                                            stage["important_ratio"], stage["per_round"])
+                elif stage["kind"] == "evs":  # a row's images are its frames
+                    local = slow_evs(embeds[b, cands], state["images"], stage["n_keep"])
                 elif stage["kind"] == "random":
                     local = slow_random(len(cands), stage["n_keep"], stage["seed"])
                 elif stage["kind"] == "catp":  # per image; its paired text: the tokens up to the next image

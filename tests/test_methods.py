@@ -1071,3 +1071,50 @@ def test_vispruner_matches_its_description(n, n_keep, ratio, per_round):
     cls, features = torch.rand(n, generator=gen), torch.randn(n, 5, generator=gen)
     assert important_diverse(cls, features, n_keep, ratio, per_round).tolist() == \
         slow_vispruner(cls.tolist(), features, n_keep, ratio, per_round)
+
+
+# -- EVS (vLLM): frame change against the previous frame ---------------------------------------------
+
+
+def test_evs_worked_example_of_methods_2():
+    """METHODS-2.md §5.1g: 3 frames of 2 x 2, q 0.5 -> k = max(4, int(12 x 0.5)) = 6; kept mask
+    [[1,1,1,1], [0,0,1,0], [0,1,0,0]]: the 0.2929 tie between flat 9 and 11 goes to 9."""
+    from prunec.methods.evs import evs_scores
+    from reference import slow_evs
+
+    frames = torch.tensor([[[1, 0], [0, 1], [1, 1], [1, -1]], [[1, 0.1], [0, 1], [-1, 1], [1, -1]],
+                           [[1, 0.1], [1, 1], [-1, 1], [0, -1]]]).reshape(1, 12, 2)
+    expected = [0, 1, 2, 3, 6, 9]
+    assert slow_evs(frames[0], 3, 6) == expected
+    candidates = torch.ones(1, 12, dtype=torch.bool)
+    kept = torch.ops.prunec.select_topk(evs_scores(frames, candidates, 12, 3), candidates, 12, 6)
+    assert kept[0].tolist() == expected
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 2, 5]], ids=["batch1", "batch3-left-padded"])
+def test_evs_on_a_row_of_frames_matches_hook_reference(build, pads):
+    """Three 4 x 4 frames per row, keep 0.41 of 48 = int(19.68) = 19 (vLLM rounds down), every token of the first
+    frame among them."""
+    plan, module, _ = build("""
+        prunec: 1
+        name: evs-frames
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 72, images: 3}
+        pipeline:
+          - {site: projector.output, method: evs, keep: {ratio: 0.41}}
+    """)
+    assert plan.stages[0].n_keep == 19
+    reference = HookReference(_hf(plan), reference_stages(plan))
+    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=72, seed=8 + len(pads), images=3)
+    with torch.no_grad():
+        actual = module(ids, mask, pixels)
+    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
+
+
+def test_evs_refuses_a_budget_below_one_frame(tmp_path):
+    spec = tmp_path / "evs.yaml"
+    spec.write_text("prunec: 1\nname: evs-small\nmodel: {builtin: tiny-llava}\ninputs: {batch: 1, seq_len: 60, "
+                    "images: 3}\npipeline:\n  - {site: projector.output, method: evs, keep: {count: 15}}\n")
+    with pytest.raises(prunec.errors.SpecError, match=r"evs\.yaml:6:57: error at /pipeline/0/keep/count: EVS keeps every "
+                                                      r"token of the first frame \(16\)"):
+        prunec.plan(spec)
