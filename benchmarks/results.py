@@ -29,7 +29,8 @@ RUNS = {
                    "specs/fopru.yaml", "specs/aim.yaml", "specs/digits-vlm/todre.yaml", "specs/digits-vlm/vflowopt.yaml",
                    "specs/catp.yaml", "specs/fastv-paper.yaml", "specs/transprune-ttv.yaml",
                    "specs/sparsevlm-recycle.yaml", "specs/recoverable.yaml", "specs/digits-vlm/vflowopt-llm.yaml",
-                   "specs/random.yaml", "specs/pool.yaml", "specs/dart.yaml", "specs/vispruner.yaml"],
+                   "specs/random.yaml", "specs/pool.yaml", "specs/dart.yaml", "specs/vispruner.yaml",
+                   "specs/cdpruner.yaml"],
     "dinov2-probe": ["specs/tome.yaml", "specs/zero-tprune.yaml", "specs/flowcut.yaml", "specs/zero-tprune-si.yaml"],
     "smollm2-text": ["specs/fastv.yaml", "specs/lazyllm.yaml", "specs/spatten.yaml", "specs/a2sf.yaml",
                      "specs/fastv-paper.yaml", "specs/pyramiddrop.yaml", "specs/transprune-ttv.yaml"],
@@ -59,6 +60,42 @@ def _training_summary() -> list[str]:
             f"the greedy answer (fp32): **{100 * final['final_mnist_test_acc']:.1f}% on MNIST ({n['mnist']} images), "
             f"{100 * final['final_sklearn_test_acc']:.1f}% on sklearn digits ({n['sklearn']})**; chance is 10%. Log: "
             "`prunec/zoo/weights/digits_vlm_projector.log.jsonl`.", ""]
+
+
+BASELINES = ("specs/random.yaml", "specs/pool.yaml")
+
+
+def _standard_error(accuracy: float, n: int) -> float:
+    return (accuracy * (1 - accuracy) / n) ** 0.5
+
+
+def _against_baselines(rows: list[dict], n: int) -> list[str]:
+    """Per budget: the random and pooling baselines (accuracy +- binomial standard error over n examples)
+    and the presets clearly above both (by more than 2 standard errors of the difference) or within noise."""
+    measured = [r for r in rows if "error" not in r and r["metric"] == "accuracy"]
+    lines = []
+    for keep in sorted({r["keep"] for r in measured}, reverse=True):
+        at = {r["spec"]: r["pruned"] for r in measured if r["keep"] == keep}
+        if not all(b in at for b in BASELINES):
+            continue
+        floor = max(at[b] for b in BASELINES)
+        floor_se = _standard_error(floor, n)
+
+        def beyond(acc: float) -> bool:
+            return acc - floor > 2 * (_standard_error(acc, n) ** 2 + floor_se ** 2) ** 0.5
+
+        above = sorted((s for s in at if s not in BASELINES and at[s] > floor), key=lambda s: -at[s])
+        clear = [f"{s.removeprefix('specs/')} {at[s]:.3f}" for s in above if beyond(at[s])]
+        noise = [f"{s.removeprefix('specs/')} {at[s]:.3f}" for s in above if not beyond(at[s])]
+        lines.append(f"- **keep {keep:.0%}**: random {at[BASELINES[0]]:.3f} +- {_standard_error(at[BASELINES[0]], n):.3f}, "
+                     f"pooling {at[BASELINES[1]]:.3f} +- {_standard_error(at[BASELINES[1]], n):.3f}. Clearly above both "
+                     f"(by > 2 standard errors): {', '.join(clear) or 'none'}; above but within noise: "
+                     f"{', '.join(noise) or 'none'}; every other preset is at or below the better baseline.")
+    if not lines:
+        return []
+    return ["", "**Against the baselines** (random and pooling as the floor; accuracy +- binomial standard error "
+            f"over {n} examples; in-LLM schedules spend more FLOPs at the same *keep*, see the FLOPs column):", "",
+            *lines]
 
 
 def render(records: list[dict], meta: dict) -> str:
@@ -92,6 +129,7 @@ def render(records: list[dict], meta: dict) -> str:
                 f"| {r['spec']} | {r['keep']:.0%} | {r['kept']}/{r['candidates']} | {r['layer_average']:g} | "
                 f"{100 * r['flops_ratio']:.1f}% | {r['unpruned']:.4g} | {r['pruned']:.4g} | "
                 f"{100 * r['retained']:.1f}% | {r['metrics_unpruned'][second]:.4g} | {r['metrics_pruned'][second]:.4g} |")
+        lines += _against_baselines(rows, meta["limit"])
         done = {r["spec"] for r in rows}
         missing = [spec for spec in RUNS[task] if spec not in done]
         if missing:

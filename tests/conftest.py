@@ -106,8 +106,8 @@ def assert_close_on_real_tokens(actual, expected, pads, atol=1e-5):
 # (`--dist loadfile`), a long file started last would run alone at the end. xdist reorders files by
 # their number of tests unless told not to, which put the few-but-slow zoo tests last:
 # the test command passes `--no-loadscope-reorder`, so this order is the order files are handed out.
-_LONGEST_FIRST = ("test_methods.py", "test_zoo.py", "test_zoo_vlm.py", "test_generation.py", "test_equivalence.py",
-                  "test_llava_next.py", "test_ragged.py", "test_kernels.py")
+_LONGEST_FIRST = ("test_methods.py", "test_zoo.py", "test_methods_wave2.py", "test_zoo_vlm.py", "test_generation.py",
+                  "test_equivalence.py", "test_llava_next.py", "test_ragged.py", "test_kernels.py")
 
 
 # -- the offline zoo: optional packages, and a private cache per test module ------------------------

@@ -89,6 +89,9 @@ OFFICIAL_DEFAULTS = {
 # The documents state no official value for these (METHODS.md is silent or gives ranges); the
 # references use the values written here.
 TEST_CHOICES = {
+    # METHODS-2.md §1(b): the official relevance is the negated CLIP cosine, which needs CLIP's text tower;
+    # §1(d) L84: the OpenVINO port's LLM-embedding relevance is "un-negated". The tests use that form.
+    "cdpruner": {"sign": 1},
     "fuse": {"fusion": "weighted_sum", "normalize": "sum"},  # TransPrune's sum-normalised TTV + IGA, §1.1 L153
     "fopru": {"strategy": "rank"},
     "recoverable": {"neighbours": 20, "heads": "joint"},

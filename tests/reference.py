@@ -159,6 +159,33 @@ def slow_evs(features: torch.Tensor, frames: int, n_keep: int) -> list[int]:
     return sorted(sorted(range(len(change)), key=lambda i: (-change[i], i))[:n_keep])
 
 
+def slow_cdpruner(features: torch.Tensor, instruction: torch.Tensor, n_keep: int, sign: int) -> tuple[list[int], list[int]]:
+    """CDPruner from METHODS-2.md §1c: rho_j = sign x mean_m cos(F_j, Q_m); r = (rho - min + 1e-6) / (max - min);
+    L = r_i cos(F_i, F_j) r_j; Chen et al.'s greedy MAP (d^2 = diag L; pick argmax d^2; e = (L[j] - sum c c_j)
+    / sqrt(d^2_j)). Once d^2 <= 1e-10 (rank spent) the rest are the most relevant unchosen tokens, as prunec
+    documents. Returns (pick order, sorted kept)."""
+    def cos(x: torch.Tensor, y: torch.Tensor) -> float:
+        x, y = x.double(), y.double()
+        return float(x @ y) / (float(x.norm()) * float(y.norm()))
+
+    n = features.shape[0]
+    rho = [sign * sum(cos(features[j], q) for q in instruction) / len(instruction) for j in range(n)]
+    low, high = min(rho), max(rho)
+    r = [(v - low + 1e-6) / (high - low) for v in rho] if high - low >= 1e-12 else [1.0] * n
+    kernel = [[r[i] * cos(features[i], features[j]) * r[j] for j in range(n)] for i in range(n)]
+    d2, rows, picks = [kernel[i][i] for i in range(n)], [], []
+    while len(picks) < n_keep:
+        j = max((i for i in range(n) if i not in picks), key=lambda i: (d2[i], -i))
+        if d2[j] <= 1e-10:
+            break
+        e = [(kernel[j][k] - sum(c[j] * c[k] for c in rows)) / math.sqrt(d2[j]) for k in range(n)]
+        rows.append(e)
+        d2 = [d2[k] - e[k] ** 2 for k in range(n)]
+        picks.append(j)
+    picks += sorted((i for i in range(n) if i not in picks), key=lambda i: (-r[i], i))[:n_keep - len(picks)]
+    return picks, sorted(picks)
+
+
 def slow_topk(scores: list[float], n_keep: int) -> list[int]:
     """Indices of the n_keep largest scores, ties to the lower index, returned sorted."""
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
@@ -704,6 +731,9 @@ class HookReference:
                                            stage["important_ratio"], stage["per_round"])
                 elif stage["kind"] == "evs":  # a row's images are its frames
                     local = slow_evs(embeds[b, cands], state["images"], stage["n_keep"])
+                elif stage["kind"] == "cdpruner":  # the instruction: the row's tokens after its image
+                    local = slow_cdpruner(embeds[b, cands], embeds[b, max(cands) + 1:], stage["n_keep"],
+                                          stage["sign"])[1]
                 elif stage["kind"] == "random":
                     local = slow_random(len(cands), stage["n_keep"], stage["seed"])
                 elif stage["kind"] == "catp":  # per image; its paired text: the tokens up to the next image
