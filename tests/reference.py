@@ -186,6 +186,50 @@ def slow_cdpruner(features: torch.Tensor, instruction: torch.Tensor, n_keep: int
     return picks, sorted(picks)
 
 
+def slow_vidcom2(features: torch.Tensor, frames: int, n_keep: int, base: float) -> list[int]:
+    """VidCom2 (vLLM form) from METHODS-2.md §5.2: the int(D/2) lowest-variance channels (population
+    variance), tokens L2-normalised; G(x, c) = sum_alpha exp(-|x-c|^2 / (2 alpha)), alpha in 1/8 .. 2;
+    v = G(z, video mean), f = G(z, frame mean); u_t = -mean v over frame t; p = softmax((u - max u) / 0.01);
+    k_t = clamp(round(min(base (1 + p_t - mean p), 1) tpf), 1, tpf) smallest v + f per frame; then exactly
+    n_keep: drop the kept with the largest v + f, or add the others with the smallest."""
+    n, width = features.shape
+    per = n // frames
+    x = [[float(value) for value in row] for row in features.double()]
+    mean = [sum(row[c] for row in x) / n for c in range(width)]
+    variance = [sum((row[c] - mean[c]) ** 2 for row in x) / n for c in range(width)]
+    channels = sorted(range(width), key=lambda c: (variance[c], c))[:max(1, width // 2)]
+    z = []
+    for row in x:
+        picked = [row[c] for c in channels]
+        norm = math.sqrt(sum(a * a for a in picked))
+        z.append([a / norm for a in picked])
+
+    def centre(rows):
+        return [sum(r[c] for r in rows) / len(rows) for c in range(len(channels))]
+
+    def g(a, c):
+        squared = sum((p - q) ** 2 for p, q in zip(a, c))
+        return sum(math.exp(-squared / (2 * alpha)) for alpha in (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0))
+
+    video = centre(z)
+    v = [g(a, video) for a in z]
+    f = [g(a, centre(z[t * per:(t + 1) * per])) for t in range(frames) for a in z[t * per:(t + 1) * per]]
+    u = [-sum(v[t * per:(t + 1) * per]) / per for t in range(frames)]
+    top = max(u)
+    weights = [math.exp((a - top) / 0.01) for a in u]
+    p = [w / sum(weights) for w in weights]
+    cost = [a + b for a, b in zip(v, f)]
+    kept = set()
+    for t in range(frames):
+        k = min(max(round(min(base * (1 + p[t] - sum(p) / frames), 1) * per), 1), per)
+        kept |= set(sorted(range(t * per, (t + 1) * per), key=lambda i: (cost[i], i))[:k])
+    if len(kept) > n_keep:
+        kept -= set(sorted(kept, key=lambda i: (-cost[i], i))[:len(kept) - n_keep])
+    elif len(kept) < n_keep:
+        kept |= set(sorted(set(range(n)) - kept, key=lambda i: (cost[i], i))[:n_keep - len(kept)])
+    return sorted(kept)
+
+
 def slow_topk(scores: list[float], n_keep: int) -> list[int]:
     """Indices of the n_keep largest scores, ties to the lower index, returned sorted."""
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
@@ -199,7 +243,7 @@ def reference_stages(plan) -> list[dict]:
     out = []
     for s in plan.stages:
         written = pipeline[int(s.pointer.split("/")[2])].get("params", {})
-        out.append(dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions,
+        out.append(dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, keep_spec=s.keep_spec,
                         **reference_params(s.method, written)))
     return out
 
@@ -734,6 +778,10 @@ class HookReference:
                 elif stage["kind"] == "cdpruner":  # the instruction: the row's tokens after its image
                     local = slow_cdpruner(embeds[b, cands], embeds[b, max(cands) + 1:], stage["n_keep"],
                                           stage["sign"])[1]
+                elif stage["kind"] == "vidcom2":  # a row's images are its frames; base = the written ratio
+                    kind, value = stage["keep_spec"]
+                    base = value if kind == "ratio" else stage["n_keep"] / len(cands)
+                    local = slow_vidcom2(embeds[b, cands], state["images"], stage["n_keep"], base)
                 elif stage["kind"] == "random":
                     local = slow_random(len(cands), stage["n_keep"], stage["seed"])
                 elif stage["kind"] == "catp":  # per image; its paired text: the tokens up to the next image

@@ -271,8 +271,8 @@ def test_evs_refuses_a_budget_below_one_frame(tmp_path):
     spec = tmp_path / "evs.yaml"
     spec.write_text("prunec: 1\nname: evs-small\nmodel: {builtin: tiny-llava}\ninputs: {batch: 1, seq_len: 60, "
                     "images: 3}\npipeline:\n  - {site: projector.output, method: evs, keep: {count: 15}}\n")
-    with pytest.raises(prunec.errors.SpecError, match=r"evs\.yaml:6:57: error at /pipeline/0/keep/count: EVS keeps every "
-                                                      r"token of the first frame \(16\)"):
+    with pytest.raises(prunec.errors.SpecError,
+                       match=r"evs\.yaml:6:57: error at /pipeline/0/keep/count: EVS keeps every token of the first frame \(16\)"):
         prunec.plan(spec)
 
 
@@ -331,6 +331,46 @@ def test_cdpruner_matches_hook_reference(build, pads):
     """)
     reference = HookReference(_hf(plan), reference_stages(plan))
     ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=30, seed=4 + len(pads))
+    with torch.no_grad():
+        actual = module(ids, mask, pixels)
+    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
+
+
+# -- VidCom2 (vLLM's exact count) ------------------------------------------------------------------------
+
+
+def test_vidcom2_frame_budgets_worked_example_of_methods_2():
+    """METHODS-2.md §5.2e: 4 frames of 196, base 0.25, u = [-1.0, -1.2, -1.5, -1.3] -> k = [86, 37, 37, 37]."""
+    from prunec.methods.vidcom2 import frame_budgets
+
+    assert frame_budgets(torch.tensor([-1.0, -1.2, -1.5, -1.3], dtype=torch.float64), 0.25, 196).tolist() == \
+        [86, 37, 37, 37]
+
+
+@pytest.mark.parametrize("frames,per,width,n_keep,base", [(4, 16, 6, 16, 0.25), (3, 9, 5, 11, 0.4), (5, 8, 7, 6, 0.15),
+                                                      (4, 16, 6, 12, 0.25)])  # 16 -> 16, 10 -> 11, 6 -> 6, 16 -> 12
+def test_vidcom2_matches_its_description(frames, per, width, n_keep, base):
+    from prunec.methods.vidcom2 import vidcom2_keep
+    from reference import slow_vidcom2
+
+    features = torch.randn(frames * per, width, generator=torch.Generator().manual_seed(frames * per))
+    assert vidcom2_keep(features, frames, n_keep, base).tolist() == slow_vidcom2(features, frames, n_keep, base)
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 2, 5]], ids=["batch1", "batch3-left-padded"])
+def test_vidcom2_on_a_row_of_frames_matches_hook_reference(build, pads):
+    """Three 4 x 4 frames per row; ratio 0.3 -> int(14.4) = 14 tokens, base 0.3."""
+    plan, module, _ = build("""
+        prunec: 1
+        name: vidcom2-frames
+        model: {builtin: tiny-llava}
+        inputs: {batch: 2, seq_len: 72, images: 3}
+        pipeline:
+          - {site: projector.output, method: vidcom2, keep: {ratio: 0.3}}
+    """)
+    assert plan.stages[0].n_keep == 14
+    reference = HookReference(_hf(plan), reference_stages(plan))
+    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=72, seed=6 + len(pads), images=3)
     with torch.no_grad():
         actual = module(ids, mask, pixels)
     assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)

@@ -190,6 +190,7 @@ def stage_signals(method: str, params: dict[str, Any]) -> set[str]:
     return {s for name, _, _ in terms(method, params) for s in get_method(name).signals}
 
 
-from . import (a2sf, aim, aim_merge, catp, cdpruner, dart, divprune, evs, fastervlm, fastv, flowcut, fopru,  # noqa: E402,F401
-               fuse, hiprune, holov, lazyllm, pool, pyramiddrop, random_baseline, recoverable, sparsevlm, spatten,
-               todre, tome, transprune, vflowopt, vispruner, visionzip, vtc_cls, zero_tprune)  # registration
+from . import (a2sf, aim, aim_merge, catp, cdpruner, dart, divprune, evs, fastervlm, fastv,  # noqa: E402,F401
+               flowcut, fopru, fuse, hiprune, holov, lazyllm, pool, pyramiddrop, random_baseline, recoverable,
+               sparsevlm, spatten, todre, tome, transprune, vflowopt, vidcom2, vispruner, visionzip, vtc_cls,
+               zero_tprune)  # registration

@@ -10,8 +10,8 @@ tower and `visual_projection` (negated cosine, `-mean`), which the LLaVA checkpo
 prunec implements the port OpenVINO GenAI ships (`cdpruner/relevance_calculator.cpp`): the instruction
 is the tokens after the image, embedded by the LLM's own embedding table (they are the site's rows),
 cosine with the projected visual tokens, not negated (`sign: -1` negates as the CLIP path does);
-min-max over the row's visual tokens (all 1 when they are equally relevant, the port's guard). So this is CDPruner's selection with the port's relevance,
-not the official CLIP relevance.
+min-max over the row's visual tokens (all 1 when they are equally relevant, the port's guard). So
+this is CDPruner's selection with the port's relevance, not the official CLIP relevance.
 
 Rank: the official greedy divides by sqrt(d^2) with no stop, so once the kernel's rank (at most the
 feature width) is spent d^2 reaches 0 and every later pick is NaN-driven. prunec stops the DPP there
