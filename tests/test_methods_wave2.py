@@ -21,6 +21,16 @@ def _hf(plan):
     return load_model(plan.lock["model"], plan.spec.base_dir)
 
 
+def _assert_matches_hook_reference(plan, module, pads: list[int], seq_len: int, seed: int, images: int = 1):
+    """The built module equals the eager hook reference on left-padded LLaVA rows; returns its output."""
+    reference = HookReference(_hf(plan), reference_stages(plan))
+    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=seq_len, seed=seed, images=images)
+    with torch.no_grad():
+        actual = module(ids, mask, pixels)
+    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
+    return actual
+
+
 def _candidates(batch: int, seq: int, spans: list[tuple[int, int]]) -> torch.Tensor:
     mask = torch.zeros(batch, seq, dtype=torch.bool)
     for b, (start, stop) in enumerate(spans):
@@ -142,12 +152,8 @@ def test_dart_matches_hook_reference_with_a_non_uniform_final_norm(tmp_path_fact
         pipeline:
           - {{site: "llm.layers[1]", method: dart, params: {{pivots_image: 2, pivots_text: 2}}, keep: {{count: 8}}}}
     """)
-    reference = HookReference(_hf(plan), reference_stages(plan))
-    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=30, seed=5 + len(pads))
-    with torch.no_grad():
-        actual = module(ids, mask, pixels)
+    _assert_matches_hook_reference(plan, module, pads, seq_len=30, seed=5 + len(pads))
     assert plan.stages[0].n_keep == 10
-    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
 
 
 # -- pool: each image's token grid, adaptive bins ----------------------------------------------------
@@ -184,12 +190,8 @@ def test_pool_per_image_with_a_written_grid_matches_hook_reference(build, pads):
         pipeline:
           - {site: projector.output, method: pool, params: {grid: [1, 3], mode: max}, keep: {count: 6}}
     """)
-    reference = HookReference(_hf(plan), reference_stages(plan))
-    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=50, seed=3 + len(pads), images=2)
-    with torch.no_grad():
-        actual = module(ids, mask, pixels)
+    actual = _assert_matches_hook_reference(plan, module, pads, seq_len=50, seed=3 + len(pads), images=2)
     assert actual.shape[1] == 50 - 32 + 6
-    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
 
 
 def test_pool_refuses_a_budget_no_grid_fits(tmp_path):
@@ -260,11 +262,7 @@ def test_evs_on_a_row_of_frames_matches_hook_reference(build, pads):
           - {site: projector.output, method: evs, keep: {ratio: 0.41}}
     """)
     assert plan.stages[0].n_keep == 19
-    reference = HookReference(_hf(plan), reference_stages(plan))
-    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=72, seed=8 + len(pads), images=3)
-    with torch.no_grad():
-        actual = module(ids, mask, pixels)
-    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
+    _assert_matches_hook_reference(plan, module, pads, seq_len=72, seed=8 + len(pads), images=3)
 
 
 def test_evs_refuses_a_budget_below_one_frame(tmp_path):
@@ -329,11 +327,7 @@ def test_cdpruner_matches_hook_reference(build, pads):
         pipeline:
           - {site: projector.output, method: cdpruner, keep: {count: 5}}
     """)
-    reference = HookReference(_hf(plan), reference_stages(plan))
-    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=30, seed=4 + len(pads))
-    with torch.no_grad():
-        actual = module(ids, mask, pixels)
-    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
+    _assert_matches_hook_reference(plan, module, pads, seq_len=30, seed=4 + len(pads))
 
 
 # -- VidCom2 (vLLM's exact count) ------------------------------------------------------------------------
@@ -369,8 +363,4 @@ def test_vidcom2_on_a_row_of_frames_matches_hook_reference(build, pads):
           - {site: projector.output, method: vidcom2, keep: {ratio: 0.3}}
     """)
     assert plan.stages[0].n_keep == 14
-    reference = HookReference(_hf(plan), reference_stages(plan))
-    ids, mask, pixels = llava_inputs(reference.model.config, pads, seq_len=72, seed=6 + len(pads), images=3)
-    with torch.no_grad():
-        actual = module(ids, mask, pixels)
-    assert_close_on_real_tokens(actual, reference(ids, mask, pixels), pads, 1e-5)
+    _assert_matches_hook_reference(plan, module, pads, seq_len=72, seed=6 + len(pads), images=3)

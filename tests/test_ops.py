@@ -39,6 +39,31 @@ def test_divprune_matches_slow_definition(batch, n, keep):
         assert got[b].tolist() == slow_divprune(features[b], keep)
 
 
+def test_divprune_keeps_its_budget_of_distinct_tokens_when_only_duplicates_remain():
+    """4 distinct tokens, each twice, budget 6: the first 4 picks are one copy of each (every other
+    token is then at distance ~0), and the budget is filled with 6 distinct indices (the documented
+    deviation: the official argmax would re-pick a chosen token)."""
+    from prunec.methods.divprune import divprune_keep_order
+
+    base = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(2))
+    order = divprune_keep_order(torch.cat([base, base], dim=1), 6)[0].tolist()
+    assert sorted(j % 4 for j in order[:4]) == [0, 1, 2, 3]
+    assert len(set(order)) == 6
+
+
+def test_second_smallest_is_kthvalue_2_with_repeated_minima():
+    """DivPrune's first pick reads each column's second-smallest distance; two tokens at the same minimum
+    distance (duplicates, or a column whose diagonal is not its smallest entry) keep the repeat."""
+    from prunec.methods.divprune import second_smallest
+
+    distance = torch.rand(2, 12, 12, generator=torch.Generator().manual_seed(3))
+    distance[:, 4, 7] = distance[:, 9, 7] = -1.0  # column 7: minimum twice -> second smallest is -1
+    distance[1, 2, 5] = -2.0
+    expected = distance.kthvalue(2, dim=1).values
+    assert second_smallest(distance)[:, 7].tolist() == [-1.0, -1.0]
+    assert torch.equal(second_smallest(distance), expected)
+
+
 def test_topk_breaks_ties_to_the_lower_index_and_keeps_non_candidates():
     scores = torch.tensor([[9.0, 1.0, 5.0, 5.0, 5.0, 0.0]])
     candidates = torch.tensor([[False, True, True, True, True, True]])

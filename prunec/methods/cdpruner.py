@@ -60,7 +60,8 @@ def dpp_greedy(kernel: torch.Tensor, n_keep: int, fill: torch.Tensor) -> list[in
         c[i] = e
         d2 = d2 - e * e
         d2[j] = float("-inf")
-    rest = [k for k in torch.sort(fill, descending=True, stable=True).indices.tolist() if k not in set(chosen)]
+    taken = set(chosen)
+    rest = [k for k in torch.sort(fill, descending=True, stable=True).indices.tolist() if k not in taken]
     return chosen + rest[:n_keep - len(chosen)]
 
 

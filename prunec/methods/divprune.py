@@ -41,19 +41,29 @@ def divprune_keep(features: torch.Tensor, n_keep: int, greedy=None) -> torch.Ten
 
 
 def greedy_max_min(distance: torch.Tensor, first: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """From `first`, repeatedly add the token farthest from the chosen set: [B, n_keep] in pick order."""
-    batch, n_tokens, _ = distance.shape
+    """From `first`, repeatedly add the token farthest from the chosen set: [B, n_keep] in pick order.
+
+    A chosen token's distance to the set is set to -inf, which `minimum` keeps, so no separate taken
+    mask is needed (three small ops per step: the loop is launch-bound on CPU)."""
+    batch = distance.shape[0]
     rows = torch.arange(batch, device=distance.device)
-    chosen = [first]
-    min_to_chosen = distance[rows, first]  # [B, N]
-    taken = torch.zeros(batch, n_tokens, dtype=torch.bool, device=distance.device)
-    taken[rows, first] = True
-    for _ in range(n_keep - 1):
-        nxt = min_to_chosen.masked_fill(taken, float("-inf")).argmax(dim=1)
-        chosen.append(nxt)
-        taken[rows, nxt] = True
-        min_to_chosen = torch.minimum(min_to_chosen, distance[rows, nxt])
-    return torch.stack(chosen, dim=1)
+    chosen = torch.empty(batch, n_keep, dtype=torch.long, device=distance.device)
+    chosen[:, 0] = first
+    min_to_chosen = distance[rows, first].clone()  # [B, N]
+    min_to_chosen[rows, first] = float("-inf")
+    for step in range(1, n_keep):
+        nxt = min_to_chosen.argmax(dim=1)
+        chosen[:, step] = nxt
+        torch.minimum(min_to_chosen, distance[rows, nxt], out=min_to_chosen)
+        min_to_chosen[rows, nxt] = float("-inf")
+    return chosen
+
+
+def second_smallest(distance: torch.Tensor) -> torch.Tensor:
+    """[B, N, N] -> [B, N]: each column's second-smallest entry, as `kthvalue(2, dim=1)` gives it (one
+    occurrence of the minimum removed), in two min reductions instead of a selection per column."""
+    smallest = distance.argmin(dim=1, keepdim=True)  # [B, 1, N]
+    return distance.scatter(1, smallest, float("inf")).amin(dim=1)
 
 
 def diversity_order_scores(features: torch.Tensor) -> torch.Tensor:
@@ -71,7 +81,7 @@ def divprune_keep_order(features: torch.Tensor, n_keep: int, greedy=None) -> tor
     if features.shape[1] == 1:
         first = torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
     else:
-        first = distance.kthvalue(2, dim=1).values.argmax(dim=1)  # farthest nearest other token
+        first = second_smallest(distance).argmax(dim=1)  # farthest nearest other token
     return (greedy or greedy_max_min)(distance, first, n_keep)
 
 
