@@ -406,6 +406,7 @@ def methods(name: Optional[str] = typer.Argument(None, help="one method: its par
                                                           if detail["rounding_source"] else ""))
         typer.echo(f"  run-time budgets: {'yes' if detail['row_budgets'] else 'no'} (rows of different candidate "
                    "counts, inputs.images_per_row)")
+        typer.echo(f"  scope: {' | '.join(detail['scopes'])} (several images per row: over all, or within each)")
         typer.echo("  params:" + ("" if detail["params_detail"] else " none"))
         for param in detail["params_detail"]:
             default = "required" if param["required"] else (
@@ -427,7 +428,8 @@ def methods(name: Optional[str] = typer.Argument(None, help="one method: its par
         typer.echo(f"{row['method']:<{width}} {row['action']}/{row['kind']:<6}  {row['summary']}")
         typer.echo(f"{'':<{width}} sites: {', '.join(row['sites'])}   signals: {', '.join(row['signals'])}   "
                    f"positions: {row['positions']}   fusable: {'yes' if row['fusable'] else 'no'}   "
-                   f"rounding: {row['rounding']}   run-time budgets: {'yes' if row['row_budgets'] else 'no'}")
+                   f"rounding: {row['rounding']}   run-time budgets: {'yes' if row['row_budgets'] else 'no'}   "
+                   f"scope: {'|'.join(row['scopes'])}")
         typer.echo(f"{'':<{width}} params: {', '.join(row['params']) or '-'}   variants: {variants}")
         typer.echo(f"{'':<{width}} source: {row['source']}")
 

@@ -80,6 +80,7 @@ def manifest(compiled: Compiled, model: torch.nn.Module, module_code: str, lock_
             "positions": stage.positions,
             "protect": list(stage.protect),
             "rounding": stage.rounding,
+            "scope": stage.scope,
             "candidates_in": t.candidates_in,
             "candidates_kept": t.candidates_kept,
             "tokens_in": t.tokens_in,

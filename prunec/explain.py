@@ -26,7 +26,9 @@ def stage_table(plan: Plan) -> str:
         stage = t.stage
         after_macs = sum(s.macs for s in segs if _governing_stage(plan, s) is stage)
         share = after_macs / flops["baseline_macs"] if flops["baseline_macs"] else 0.0
-        rows.append([str(i), stage.site, stage.method, stage.positions, f"{t.tokens_in} -> {t.tokens_out}",
+        per_image = stage.scope == "per_image" and inputs.get("images", 1) > 1
+        method = f"{stage.method} (per image)" if per_image else stage.method
+        rows.append([str(i), stage.site, method, stage.positions, f"{t.tokens_in} -> {t.tokens_out}",
                      f"{t.candidates_kept}/{t.candidates_in}", f"{share:6.1%}"])
     text = [f"{plan.spec.name}: {plan.adapter.family} model, example inputs {_shape(inputs)}"]
     if plan.stages:

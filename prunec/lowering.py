@@ -165,6 +165,14 @@ class StageBuilder:
         return self._valid
 
     @property
+    def per_image(self) -> bool:
+        """The selection runs within each image of a multi-image row (the method's own rule, or the
+        stage's `scope: per_image`), with equal budgets."""
+        from .methods import get_method
+
+        return self.images_per_row > 1 and (get_method(self.stage.method).per_image or self.stage.scope == "per_image")
+
+    @property
     def images_per_row(self) -> int:
         return self.ctx.plan.lock["inputs"].get("images", 1)
 

@@ -25,7 +25,7 @@ from .kernels import use_triton
 # ops whose output (or first output, for merges) is a stage's [B, K] keep indices, for tools that
 # trace an emitted module's selections (keep-maps); method files that define their own selection op
 # add it with `keep_index_op`
-KEEP_INDEX_OPS = {"select_topk", "select_by_attention", "select_by_features", "drop_candidates", "merge_candidates",
+KEEP_INDEX_OPS = {"select_topk", "select_topk_per_image", "select_by_attention", "select_by_features", "drop_candidates", "merge_candidates",
                   "merge_by_scores", "select_topk_rows", "drop_candidates_rows"}
 
 
@@ -72,6 +72,24 @@ def select_topk(scores: torch.Tensor, candidates: torch.Tensor, n_candidates: in
 
 @select_topk.register_fake
 def _(scores, candidates, n_candidates, n_keep):
+    return keep_shape(candidates, n_candidates, n_keep)
+
+
+@torch.library.custom_op("prunec::select_topk_per_image", mutates_args=())
+def select_topk_per_image(scores: torch.Tensor, candidates: torch.Tensor, n_candidates: int, n_keep: int,
+                          images: int) -> torch.Tensor:
+    """`select_topk` within each image (`scope: per_image`): the candidates are `images` equal runs in
+    order, each keeps its n_keep / images highest-scoring tokens (ties: lower index)."""
+    positions = candidate_positions(candidates, n_candidates)
+    batch, per_image = positions.shape[0], n_candidates // images
+    cand_scores = scores.float().gather(1, positions).view(batch, images, per_image)
+    order = torch.sort(cand_scores, dim=2, descending=True, stable=True).indices[:, :, :n_keep // images]
+    offsets = torch.arange(images, device=order.device)[:, None] * per_image
+    return keep_indices(candidates, positions, (order + offsets).flatten(1))
+
+
+@select_topk_per_image.register_fake
+def _(scores, candidates, n_candidates, n_keep, images):
     return keep_shape(candidates, n_candidates, n_keep)
 
 

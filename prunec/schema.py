@@ -152,6 +152,10 @@ def spec_schema() -> dict[str, Any]:
                                        "the stage)",
                     },
                     "positions": {"enum": ["keep_original", "renumber"]},
+                    "scope": {"enum": ["all", "per_image"],
+                              "description": "select over the whole visual span of a row (all, the default) or "
+                                             "within each image, each keeping its share (per_image: a ratio "
+                                             "applies to each image, a count is the row's total)"},
                     "rounding": {"enum": ["half_up", "half_even", "floor"],
                                  "description": "how a ratio budget becomes a count (default: the method's "
                                                 "official code: `prunec methods NAME`)"},

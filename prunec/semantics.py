@@ -98,7 +98,7 @@ def _fit_budget(spec: Spec, adapter, inputs: dict, stages: tuple[Stage, ...]) ->
 
     target, ptr = spec.data["budget"]["layer_average"], "/budget/layer_average"
     if inputs.get("images", 1) > 1 and any(get_method(s.method).scope or get_method(s.method).per_image
-                                           for s in stages):
+                                           or s.scope == "per_image" for s in stages):
         raise SpecError("a layer-averaged budget scales whole-row counts; it does not apply to per-image or "
                         "image-scoped stages (write their counts)", spec.locate(ptr))
     domains = sorted({s.domain for s in stages})
@@ -329,19 +329,20 @@ class _ImageLayout:
     def scope_words(self, scope: str | None) -> str:
         return f" in the {'context images' if scope == 'context' else 'query image'}" if scope else ""
 
-    def after(self, info, n_keep: int, out_of_scope: int) -> "_ImageLayout":
+    def after(self, info, per_image: bool, n_keep: int, out_of_scope: int) -> "_ImageLayout":
         if self.count == 1:
             return replace(self, per_image=n_keep, query=n_keep)
         if info.scope == "context":
             return replace(self, per_image=None)
         if info.scope == "query":
             return replace(self, per_image=None, query=n_keep - out_of_scope)
-        if info.per_image:
+        if per_image:
             return replace(self, per_image=n_keep // self.count, query=n_keep // self.count)
         return replace(self, per_image=None, query=None)
 
 
-def _check_images(spec: Spec, info, layout: _ImageLayout, layer: int | None, ptr: str, ragged: bool) -> None:
+def _check_images(spec: Spec, info, per_image: bool, layout: _ImageLayout, layer: int | None, ptr: str,
+                  ragged: bool) -> None:
     """A stage over several images per row gets what its method needs of them."""
     if info.scope and layout.count < 2:
         raise SpecError(f"method {info.name} prunes the {info.scope} image tokens of a multi-image row; set "
@@ -349,8 +350,8 @@ def _check_images(spec: Spec, info, layout: _ImageLayout, layer: int | None, ptr
     if info.scope and layout.query is None:
         raise SpecError(f"method {info.name} needs the query image's token count, which an earlier stage selecting "
                         "over several images at once makes data-dependent", spec.locate(f"{ptr}/method"))
-    if info.per_image and layout.count > 1 and layout.per_image is None:
-        raise SpecError(f"method {info.name} selects within each image, and an earlier stage left the images "
+    if per_image and layout.count > 1 and layout.per_image is None:
+        raise SpecError(f"{_per_image_words(info)} selects within each image, and an earlier stage left the images "
                         "with different token counts", spec.locate(f"{ptr}/method"))
     vision_signals = {"cls_attention", "layer_attention"} & set(info.signals)
     if ragged and vision_signals == {"cls_attention"}:
@@ -358,6 +359,34 @@ def _check_images(spec: Spec, info, layout: _ImageLayout, layer: int | None, ptr
     if layout.count > 1 and layer is None and vision_signals:
         raise SpecError(f"method {info.name} reads the vision tower per image, which prunec supports with one "
                         f"image per row (inputs.images is {layout.count})", spec.locate(f"{ptr}/method"))
+
+
+def _scope_written(stage: Stage) -> bool:
+    """A scope other than the method's own (what a lock must write to rebuild the same stage)."""
+    from .methods import get_method
+
+    return stage.scope != ("per_image" if get_method(stage.method).per_image else "all")
+
+
+def _per_image_words(info) -> str:
+    return f"method {info.name}" if info.per_image else f"a `scope: per_image` stage of {info.name}"
+
+
+def _stage_scope(spec: Spec, info, raw: dict, ragged: bool, ptr: str) -> str:
+    """The stage's `scope:`, checked against what its method's selection can do."""
+    from .methods import takes_per_image_scope
+
+    scope = raw.get("scope", "per_image" if info.per_image else "all")
+    where = spec.locate(f"{ptr}/scope")
+    if scope == "all" and info.per_image:
+        raise SpecError(f"method {info.name} selects within each image; scope: all is not available for it", where)
+    if scope == "per_image" and not takes_per_image_scope(info):
+        raise SpecError(f"method {info.name} selects over its whole candidate set (it has no per-image selection); "
+                        "scope: per_image is not available for it", where)
+    if scope == "per_image" and ragged and not info.per_image:
+        raise SpecError("scope: per_image with rows of different image counts (inputs.images_per_row) is not "
+                        "implemented yet; use scope: all", where)
+    return scope
 
 
 def _check_attention_before_cut(spec: Spec, info, params: dict, layer: int | None, previous: int | None,
@@ -396,7 +425,9 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             available = kept.get(domain, (original, protect))[0]
             layout = images.get(domain, _ImageLayout.initial(original, inputs.get("images", 1)))
             ragged = adapter.candidates_vary(inputs) and domain in adapter.image_domains
-            _check_images(spec, info, layout, layer, ptr, ragged)
+            scope = _stage_scope(spec, info, raw, ragged, ptr)
+            per_image = scope == "per_image"
+            _check_images(spec, info, per_image, layout, layer, ptr, ragged)
             _check_produced(spec, info, params, domain, stages, ptr)
             out_of_scope = layout.out_of_scope(info.scope, available)
             rounding = raw.get("rounding") or method_rounding(info.name, params)
@@ -404,6 +435,8 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
             base = available - out_of_scope if of == "stage" else layout.scope_original(info.scope, original)
             if info.kept_count is not None:  # the count the official code realises for this budget
                 n_keep = info.kept_count(params, value if kind == "count" else value * base) + out_of_scope
+            elif per_image and kind == "ratio" and layout.count > 1:  # each image keeps its own ratio
+                n_keep = layout.count * resolve_count(kind, value, base // layout.count, rounding)
             else:
                 n_keep = resolve_count(kind, value, base, rounding) + out_of_scope
             if n_keep > available:
@@ -414,8 +447,8 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
                 raise SpecError(f"budget keeps {n_keep - out_of_scope} tokens but only {reach} candidates reach "
                                 f"{site}{layout.scope_words(info.scope)}; at most {fits}",
                                 spec.locate(f"{ptr}/keep/{kind}"))
-            if info.per_image and layout.count > 1 and n_keep % layout.count:
-                raise SpecError(f"{info.name} keeps the same count in each of the {layout.count} images; "
+            if per_image and layout.count > 1 and n_keep % layout.count:
+                raise SpecError(f"{_per_image_words(info)} keeps the same count in each of the {layout.count} images; "
                                 f"{n_keep} is not a multiple", spec.locate(f"{ptr}/keep/{kind}"))
             if n_keep - out_of_scope < 1 and kind == "ratio":
                 raise SpecError(f"ratio {value} keeps 0 of {original} candidates; write `count: 0` to drop them all",
@@ -434,11 +467,11 @@ def _resolve_stages(spec: Spec, adapter, model_src: dict, inputs: dict) -> tuple
                                 "model's order and name each site once", spec.locate(site_ptr))
             previous = (key, site)
             kept[domain] = (n_keep, protect)
-            images[domain] = layout.after(info, n_keep, out_of_scope)
+            images[domain] = layout.after(info, per_image, n_keep, out_of_scope)
             cut_after[domain] = layer
             stages.append(Stage(ptr, site, domain, layer, info.name, action, tuple(sorted(params.items())),
                                 positions, protect, (kind, value), available, n_keep,
-                                layout.query if info.scope else 0, rounding, of, ragged, clamps))
+                                layout.query if info.scope else 0, rounding, of, ragged, clamps, scope))
     return tuple(stages)
 
 
@@ -556,7 +589,7 @@ def _lock(data: dict, model_src: dict, inputs: dict, stages: list[Stage], spec: 
                       **({"min": s.keep_clamps[0]} if s.keep_clamps[0] else {}),
                       **({"max": s.keep_clamps[1]} if s.keep_clamps[1] >= 0 else {})},
              "rounding": s.rounding, "positions": s.positions,
-             "protect": list(s.protect)}
+             "protect": list(s.protect), **({"scope": s.scope} if _scope_written(s) else {})}
             for s in stages
         ],
         "backend": data.get("backend", "auto"),

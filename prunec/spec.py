@@ -50,6 +50,7 @@ class Stage:
     keep_of: str = "input"        # a ratio counts from the original candidates (input) or those reaching (stage)
     ragged: bool = False          # resolved per row at run time (inputs.images_per_row); counts above are the example's
     keep_clamps: tuple[int, int] = (0, -1)  # run-time ratio budgets: (min, max kept; -1 = none)
+    scope: str = "all"            # "per_image": the selection runs within each image (equal budgets)
 
     @property
     def param_dict(self) -> dict[str, Any]:

@@ -41,6 +41,8 @@ OFFICIAL_DEFAULTS = {
         "important_ratio": 0.5,
         # METHODS-2.md §3(c) L138: "Duplicate removal by repeated bipartite matching, at most 8 tokens per round"
         "per_round": 8,
+        # METHODS-2.md §3(e): the CLIP tower's [CLS] row ranks importance; the SigLIP path is the [CLS]-free one
+        "importance": "cls",
     },
     "fastv": {
         # METHODS.md §2.1(b) L588: "Takes the row of the last token only." (official code);

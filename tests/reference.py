@@ -244,8 +244,18 @@ def reference_stages(plan) -> list[dict]:
     for s in plan.stages:
         written = pipeline[int(s.pointer.split("/")[2])].get("params", {})
         out.append(dict(kind=s.method, n_keep=s.n_keep, layer=s.layer, positions=s.positions, keep_spec=s.keep_spec,
-                        **reference_params(s.method, written)))
+                        scope=s.scope, **reference_params(s.method, written)))
     return out
+
+
+def per_image_pick(n: int, images: int, n_keep: int, pick) -> list[int]:
+    """`scope: per_image`: candidates 0..n-1 as `images` equal runs in order, each keeping n_keep / images
+    by `pick(run, share)` (indices into the run); the chosen candidates, sorted."""
+    per, share, chosen = n // images, n_keep // images, []
+    for m in range(images):
+        run = list(range(m * per, (m + 1) * per))
+        chosen += [run[i] for i in pick(run, share)]
+    return sorted(chosen)
 
 
 def keep_list(candidates: list[int], kept_candidates: list[int], length: int) -> list[int]:
@@ -758,6 +768,9 @@ class HookReference:
                     for local_index, value in zip(kept, values):
                         embeds[b, cands[local_index]] = value.to(embeds.dtype)
                     local = kept
+                elif stage["kind"] == "divprune" and stage.get("scope") == "per_image":
+                    local = per_image_pick(len(cands), state["images"], stage["n_keep"],
+                                           lambda run, k: slow_divprune(embeds[b, [cands[i] for i in run]], k))
                 elif stage["kind"] == "divprune":
                     local = slow_divprune(embeds[b, cands], stage["n_keep"])
                 elif stage["kind"] == "pool":  # each image's grid, pooled values written at their slots
@@ -771,7 +784,9 @@ class HookReference:
                             embeds[b, group[slot]] = value.to(embeds.dtype)
                         local += [m * per + slot for slot in slots]
                 elif stage["kind"] == "vispruner":  # one image per row: its [CLS] row and pre-projector states
-                    local = slow_vispruner(state["vision_cls"][b].tolist(), state["vision_states"][b], stage["n_keep"],
+                    importance = (state["vision_cls"][b].tolist() if stage["importance"] == "cls" else
+                                  slow_received(state["vision"][state["feature"]][b])[state["lead"]:])
+                    local = slow_vispruner(importance, state["vision_states"][b], stage["n_keep"],
                                            stage["important_ratio"], stage["per_round"])
                 elif stage["kind"] == "evs":  # a row's images are its frames
                     local = slow_evs(embeds[b, cands], state["images"], stage["n_keep"])
@@ -820,7 +835,9 @@ class HookReference:
                     rows = pre_llm_terms(stage, embeds, b, cands)
                     fused = rows[0] if stage["kind"] != "fuse" else fuse_rows(
                         rows, term_weights(stage), stage["fusion"], stage["normalize"])
-                    local = slow_topk(fused, stage["n_keep"])
+                    local = (per_image_pick(len(cands), state["images"], stage["n_keep"],
+                                            lambda run, k: slow_topk([fused[i] for i in run], k))
+                             if stage.get("scope") == "per_image" else slow_topk(fused, stage["n_keep"]))
                 locals_per_row.append(local)
                 keep.append(keep_list(cands, [cands[i] for i in local], embeds.shape[1]))
             keep_patches(locals_per_row)
@@ -846,7 +863,11 @@ class HookReference:
                 row = rows[b]
                 pool = pools[b] if pools is not None else list(range(len(cands)))
                 n_keep = stage["n_keep"] - (len(cands) - len(pool))
-                chosen = [pool[i] for i in slow_topk([float(row[cands[i]]) for i in pool], n_keep)]
+                if stage.get("scope") == "per_image":
+                    chosen = per_image_pick(len(cands), state["images"], n_keep,
+                                            lambda run, k: slow_topk([float(row[cands[i]]) for i in run], k))
+                else:
+                    chosen = [pool[i] for i in slow_topk([float(row[cands[i]]) for i in pool], n_keep)]
                 local = sorted(set(range(len(cands))) - set(pool) | set(chosen))
                 locals_per_row.append(local)
                 keep.append(keep_list(cands, [cands[i] for i in local], rows.shape[-1]))

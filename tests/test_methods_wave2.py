@@ -231,6 +231,27 @@ def test_vispruner_matches_its_description(n, n_keep, ratio, per_round):
         slow_vispruner(cls.tolist(), features, n_keep, ratio, per_round)
 
 
+@pytest.mark.parametrize("pads", [[0], [0, 2, 5]], ids=["batch1", "batch3-left-padded"])
+def test_vispruner_cls_free_importance_matches_hook_reference(build, pads):
+    """`importance: mean_received` (the official SigLIP path): important tokens by the attention each patch
+    receives, averaged over every query row and head of the feature layer; the reference reads HF's own
+    attention maps. The [CLS] form on the same inputs keeps other tokens (the variant is not a no-op)."""
+    spec = """
+        prunec: 1
+        name: vispruner-{name}
+        model: {{builtin: tiny-llava}}
+        inputs: {{batch: 2, seq_len: 30}}
+        pipeline:
+          - {{site: projector.output, method: vispruner, params: {{importance: {importance}, important_ratio: 0.75}},
+              keep: {{count: 8}}}}
+    """
+    plan, module, _ = build(spec.format(name="received", importance="mean_received"))
+    received = _assert_matches_hook_reference(plan, module, pads, seq_len=30, seed=9 + len(pads))
+    plan, module, _ = build(spec.format(name="cls", importance="cls"))
+    by_cls = _assert_matches_hook_reference(plan, module, pads, seq_len=30, seed=9 + len(pads))
+    assert not torch.allclose(received, by_cls)
+
+
 # -- EVS (vLLM): frame change against the previous frame ---------------------------------------------
 
 

@@ -62,6 +62,7 @@ class MethodInfo:
     layer_params: tuple[str, ...] = ()  # params that choose layers: the compiler reads them, fn never sees them
     paired_text: bool = False        # select methods that also take the mean embedding of the text after the image
     per_image: bool = False          # with several images per row, selects within each image (equal budgets)
+    per_image_scope: bool = False    # its own lower_select honours `scope: per_image` (StageBuilder.per_image)
     scope: str | None = None         # "context" | "query": the stage's candidates are the tokens of every image
                                      # but the last (the in-context demonstrations), or of the last (the query)
     # lowering: (builder, method, params) -> [B, S] score node; (builder) -> Selection (methods/lowerings.py)
@@ -109,6 +110,15 @@ def register_method(info: MethodInfo) -> MethodInfo:
     return info
 
 
+def takes_per_image_scope(info: MethodInfo) -> bool:
+    """Whether a stage of this method can select within each image (`scope: per_image`): the generic
+    top-k and feature selections can; a method with its own selection says so."""
+    from . import lowerings
+
+    return info.per_image or info.per_image_scope or (
+        info.scope is None and info.lower_select in (lowerings.keep_top_scores, lowerings.select_by_features))
+
+
 def unregister_method(name: str) -> None:
     """Remove a method (tests and plugins that register their own)."""
     _METHODS.pop(name, None)
@@ -138,6 +148,8 @@ def catalog() -> list[dict[str, Any]]:
             "signals": list(info.signals) or ["(its terms')"], "positions": info.default_positions,
             "variants": info.variants, "params": sorted(info.params_schema.get("properties", {})),
             "rounding": info.rounding, "row_budgets": info.row_budgets,
+            "scopes": ["per_image"] if info.per_image else ["all", "per_image"] if takes_per_image_scope(info) else
+            ["all"],
             "fusable": info.lower_scores is not None and info.action == "prune" and not info.scope,
             "summary": info.summary, "source": info.source,
         })

@@ -27,6 +27,7 @@ from ..kernels import use_triton
 from ..lowering import Selection
 from ..ragged import RowBudget, kept_counts, ragged_fake, ragged_keep
 from . import MethodInfo, register_method
+from .lowerings import select_by_features
 
 
 def divprune_keep(features: torch.Tensor, n_keep: int, greedy=None) -> torch.Tensor:
@@ -136,7 +137,9 @@ ops.keep_index_op("select_divprune_rows")
 
 
 def _lower_select(b) -> Selection:
-    """Its own op: the greedy loop has a Triton kernel."""
+    """Its own op: the greedy loop has a Triton kernel (per image, the generic feature selection)."""
+    if b.per_image:
+        return select_by_features(b)
     if b.stage.ragged:
         return Selection(b.add("select", torch.ops.prunec.select_divprune_rows.default,
                                (b.signal("hidden"), b.candidates, *b.row_budget())))
@@ -163,6 +166,7 @@ register_method(MethodInfo(
     variants={"(duplicates)": "the code re-picks a chosen token once only duplicates remain / prunec keeps "
                               "distinct tokens (not a parameter)"},
     lower_select=_lower_select,
+    per_image_scope=True,
     lower_scores=_lower_scores,
     kernel=True,
     eager_way="select_before_llm",

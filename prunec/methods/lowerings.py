@@ -99,14 +99,17 @@ def keep_top_scores(b: StageBuilder) -> Selection:
     scores = info.lower_scores(b, info.name, b.stage.param_dict)
     if b.stage.ragged:
         return Selection(b.add("select", _OPS.select_topk_rows.default, (scores, b.candidates, *b.row_budget())))
+    if b.per_image:
+        return Selection(b.add("select", _OPS.select_topk_per_image.default,
+                               (scores, b.candidates, *b.sizes, b.images_per_row)))
     return Selection(b.add("select", _OPS.select_topk.default, (scores, b.candidates, *b.sizes)))
 
 
 def select_by_features(b: StageBuilder) -> Selection:
     """`fn(features [B*images, N, D], n_keep, [text], **params)` over the candidates' hidden states;
-    per image for `per_image` methods."""
+    per image for `per_image` methods and `scope: per_image` stages."""
     info = _info(b.stage.method)
-    images = b.images_per_row if info.per_image else 1
+    images = b.images_per_row if b.per_image else 1
     return Selection(b.add("select", _OPS.select_by_features.default,
                            (info.name, params_json(info, b.stage.param_dict), b.signal("hidden"), b.candidates,
                             *b.sizes, images)))

@@ -9,6 +9,13 @@ duplicates in rounds until `T - T_imp` remain: split the list alternately into A
 features, drop the `min(per_round, remaining - target)` highest-scoring A tokens, and continue with
 [surviving A in descending score, then B]. Kept tokens enter the LLM in position order (renumbered).
 
+Towers without [CLS] (`importance: mean_received`): the official repository's SigLIP path scores a
+patch by the attention it receives averaged over every query row and head, `(1/(H N)) sum_h sum_i
+A_h[i, j]` (METHODS-2.md §3e, its tower's last layer, which SigLIP-based LLaVAs read as the feature
+layer). prunec computes it on the feature layer the [CLS] form reads, every query row included (the
+[CLS] row too, where the tower has one), so the variant runs on a LLaVA checkpoint as it would on a
+[CLS]-free tower.
+
 Deviation, on purpose: with an odd list length the official indexing broadcasts only in corner cases
 and otherwise raises (METHODS-2.md §3c); prunec scores every A token, which is what the official code
 computes whenever it runs. The official LLaVA budgets (576 - T_imp even) never meet this. With
@@ -71,9 +78,10 @@ ops.keep_index_op("select_vispruner")
 
 def _lower_select(b) -> Selection:
     attention, _ = b.signal("cls_attention")
-    row = b.add("score", torch.ops.prunec.attention_received.default,
-                (attention.q, attention.k, attention.mask, attention.scale, attention.causal, "first"))
     params = b.stage.param_dict
+    query = "first" if params["importance"] == "cls" else "all"  # the [CLS] row, or every row's mean
+    row = b.add("score", torch.ops.prunec.attention_received.default,
+                (attention.q, attention.k, attention.mask, attention.scale, attention.causal, query))
     return Selection(b.add("select", torch.ops.prunec.select_vispruner.default,
                            (row, b.signal("vision_features"), b.candidates, *b.sizes, b.images_per_row,
                             float(params["important_ratio"]), int(params["per_round"]))))
@@ -95,16 +103,22 @@ register_method(MethodInfo(
                                 "description": "share of each image's budget kept by [CLS] attention (int() of it)"},
             "per_round": {"type": "integer", "minimum": 1,
                           "description": "duplicates dropped per matching round at most (official 8)"},
+            "importance": {"enum": ["cls", "mean_received"],
+                           "description": "what ranks the important tokens: the feature layer's head-mean [CLS] "
+                                          "row (cls), or the attention each patch receives averaged over every "
+                                          "query row and head (mean_received: the official SigLIP path, for "
+                                          "towers without [CLS])"},
         },
     },
-    defaults={"important_ratio": 0.5, "per_round": 8},
+    defaults={"important_ratio": 0.5, "per_round": 8, "importance": "cls"},
     default_positions="renumber",
     domains=("llm",),
     layer_domains=(),
     summary="[CLS]-attention important tokens + diverse tokens by alternate-split duplicate dropping (pre-projector "
             "cosine), per image",
     source="Theia-4869/VisPruner llava/model/llava_arch.py::encode_images",
-    variants={"important_ratio": "0.5 (README vqav2 128 0.5) / 0.75 (README mme 64 0.75)"},
+    variants={"important_ratio": "0.5 (README vqav2 128 0.5) / 0.75 (README mme 64 0.75)",
+              "importance": "cls (CLIP path, default) / mean_received (SigLIP path, siglip_encoder.py::feature_select)"},
     rounding="half_even",
     rounding_source="official takes a count T; LightCompress vispruner.py: T = round(N (1 - prune_ratio))",
 ))
