@@ -30,7 +30,7 @@ RUNS = {
                    "specs/catp.yaml", "specs/fastv-paper.yaml", "specs/transprune-ttv.yaml",
                    "specs/sparsevlm-recycle.yaml", "specs/recoverable.yaml", "specs/digits-vlm/vflowopt-llm.yaml",
                    "specs/random.yaml", "specs/pool.yaml", "specs/dart.yaml", "specs/vispruner.yaml",
-                   "specs/cdpruner.yaml"],
+                   "specs/vispruner-received.yaml", "specs/cdpruner.yaml"],
     "dinov2-probe": ["specs/tome.yaml", "specs/zero-tprune.yaml", "specs/flowcut.yaml", "specs/zero-tprune-si.yaml"],
     "smollm2-text": ["specs/fastv.yaml", "specs/lazyllm.yaml", "specs/spatten.yaml", "specs/a2sf.yaml",
                      "specs/fastv-paper.yaml", "specs/pyramiddrop.yaml", "specs/transprune-ttv.yaml"],
